@@ -1,4 +1,4 @@
-"""Fixtures shared by every test package.
+"""Helpers shared by every test package (import as `from tests.support import ...`).
 
 `require_tool` is the one place that decides what a missing external tool means: a skip on a user's
 machine, a failure under CI (CI=true), where .ci/run installs dcmtk, dicom3tools and orthanc.
