@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from models.spec import LabelSpec
+
 
 @dataclass(frozen=True, slots=True)
 class Volume:
@@ -86,30 +88,6 @@ class SourceSeries:
     modality: str
     files: tuple[Path, ...] = ()
     notes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class CodeSpec:
-    """A coded concept (SNOMED CT, DCM, ...): value, scheme designator, meaning."""
-
-    value: str
-    scheme: str
-    meaning: str
-
-
-@dataclass(frozen=True, slots=True)
-class LabelSpec:
-    """One output label of a model, as the manifest declares it (``[[labels]]`` in model.toml)."""
-
-    value: int
-    name: str
-    category: CodeSpec
-    type: CodeSpec
-    color_rgb: tuple[int, int, int]
-    threshold: float = 0.5
-    min_size_mm3: float = 0.0
-    is_finding: bool = False
-    finding_site: CodeSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
