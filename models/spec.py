@@ -1,11 +1,61 @@
 """Model manifest schema (``model.toml``): the declarative description that travels with the weights.
 
-Only data classes and their parsing live here; nothing of DICOM networking, nothing of `pipeline`.
+A bundle is a folder holding ``model.toml``, the weights file it names and a model card. This module
+parses the manifest strictly into frozen records (an unknown key, a missing key or a value of the wrong
+type is a `SpecError` naming the key and the file) and decides, as a pure function, whether a series
+suits a model (`ModelSpec.accepts`). It must stay importable without torch, numpy or pydicom: the
+receiver routes complete studies with it and never loads torch.
+
+Channel convention shared with `pipeline.infer` and `pipeline.postprocess`: the network's output channel
+``c`` is the label whose ``value`` is ``c``; channel 0 is the implicit background and is not listed in
+``[[labels]]``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+MANIFEST_NAME = "model.toml"
+
+#: Architectures `models.networks` can build from a state_dict (kept here so that the receiver can
+#: reject a bundle without importing torch; a test keeps it equal to the networks' own list).
+KNOWN_ARCHITECTURES: tuple[str, ...] = ("unet3d", "fcn3d")
+
+#: Preprocessing operations `pipeline.preprocess.run_plan` knows (issue 3, item 2).
+KNOWN_PREPROCESS_OPS: tuple[str, ...] = (
+    "crop_lungs",
+    "crop_body",
+    "resample",
+    "clip",
+    "normalize",
+    "denoise",
+    "contrast_stretch",
+    "histogram_equalize",
+    "pad_to_multiple",
+)
+
+DEFAULT_SR_SERIES_DESCRIPTION = "Measurement report - NOT FOR DIAGNOSTIC USE"
+DEFAULT_SEG_SERIES_DESCRIPTION = "Segmentation - NOT FOR DIAGNOSTIC USE"
+
+
+class ModelError(Exception):
+    """Base of the errors of the `models` package."""
+
+
+class SpecError(ModelError):
+    """A manifest that cannot be used: the message names the file, the key and what is expected."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +69,14 @@ class CodeSpec:
 
 @dataclass(frozen=True, slots=True)
 class LabelSpec:
-    """One output label of a model, as the manifest declares it (``[[labels]]`` in model.toml)."""
+    """One output label of a model, as the manifest declares it (``[[labels]]`` in model.toml).
+
+    ``value`` is the label-map value and the network's output channel (≥ 1; 0 is background).
+    ``category``/``type`` are the SEG segment's property category and type codes (SNOMED CT, CID 7150
+    and CID 7151 families). ``threshold`` is the minimum softmax probability, ``min_size_mm3`` the
+    smallest connected component kept, ``is_finding`` marks labels measured as findings in the SR
+    (TID 1411), ``finding_site`` the anatomic site reported with them.
+    """
 
     value: int
     name: str
@@ -30,3 +87,539 @@ class LabelSpec:
     min_size_mm3: float = 0.0
     is_finding: bool = False
     finding_site: CodeSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepSpec:
+    """One preprocessing step of the plan (``[[preprocess]]``): operation name and its parameters.
+
+    ``params`` is a read-only mapping; TOML arrays become tuples. Example:
+    ``StepSpec("resample", {"spacing_mm": (2.5, 2.5, 2.5)})``.
+    """
+
+    op: str
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class ArchitectureSpec:
+    """``[architecture]``: the network's name in `models.networks` and its constructor parameters."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class WeightsFormat(StrEnum):
+    STATE_DICT = "state_dict"
+    TORCHSCRIPT = "torchscript"
+
+
+@dataclass(frozen=True, slots=True)
+class WeightsSpec:
+    """``[weights]``: file name relative to the bundle, its lowercase hex sha256, and the format."""
+
+    file: str
+    sha256: str
+    format: WeightsFormat = WeightsFormat.STATE_DICT
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesCriteriaSpec:
+    """``[series]``: which series the model analyses (declarative routing criteria).
+
+    ``modality`` are accepted Modality (0008,0060) values; ``body_part`` accepted Body Part Examined
+    (0018,0015) values (empty = any; a series without the attribute is accepted, since scanners often
+    leave it out); ``min_slices`` the fewest slices; ``max_slice_thickness_mm`` the thickest Slice
+    Thickness (0018,0050) accepted (None = any); ``image_type_excludes`` Image Type (0008,0008) values
+    that exclude a series (e.g. LOCALIZER); ``series_description_regex`` a regular expression searched
+    (case-insensitive) in Series Description (0008,103E), None = any.
+    """
+
+    modality: tuple[str, ...] = ("CT",)
+    body_part: tuple[str, ...] = ()
+    min_slices: int = 1
+    max_slice_thickness_mm: float | None = None
+    image_type_excludes: tuple[str, ...] = ("LOCALIZER",)
+    series_description_regex: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceSpec:
+    """``[inference]``: sliding-window parameters.
+
+    ``patch_size_zyx`` the window in voxels (array order), ``overlap`` the fraction of a window shared
+    with its neighbour along each axis (0 ≤ overlap < 1), ``batch_size`` windows per forward pass,
+    ``gaussian_sigma_scale`` the Gaussian importance map's sigma as a fraction of the window size
+    (nnU-Net uses 1/8).
+    """
+
+    patch_size_zyx: tuple[int, int, int] = (64, 128, 128)
+    overlap: float = 0.25
+    batch_size: int = 2
+    gaussian_sigma_scale: float = 0.125
+
+
+class SegmentationType(StrEnum):
+    BINARY = "BINARY"
+    FRACTIONAL = "FRACTIONAL"
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentationSpec:
+    """``[segmentation]``: the SEG's Segmentation Type (PS3.3 C.8.20.2)."""
+
+    type: SegmentationType = SegmentationType.BINARY
+
+
+class StudyFindingSource(StrEnum):
+    HEAD = "head"
+    MAX_COMPONENT_SCORE = "max_component_score"
+
+
+@dataclass(frozen=True, slots=True)
+class StudyFindingSpec:
+    """``[study_finding]``: the study-level result, e.g. "nodule present".
+
+    ``code`` names the finding in the SR's qualitative evaluation; ``threshold`` applies to the score in
+    [0, 1]; ``source`` is ``head`` (sigmoid of the network's classification logit, falling back to the
+    largest component score when the network has no head) or ``max_component_score``.
+    """
+
+    name: str
+    code: CodeSpec
+    threshold: float = 0.5
+    source: StudyFindingSource = StudyFindingSource.HEAD
+
+
+@dataclass(frozen=True, slots=True)
+class OutputsSpec:
+    """``[outputs]``: Series Description (0008,103E) of the SEG and SR series the model produces."""
+
+    seg_series_description: str = DEFAULT_SEG_SERIES_DESCRIPTION
+    sr_series_description: str = DEFAULT_SR_SERIES_DESCRIPTION
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesCandidate:
+    """What routing knows of a series from its headers, without pixels.
+
+    ``slice_thickness_mm`` None when the attribute is missing; ``image_type`` the Image Type values
+    (upper case); ``body_part`` and ``series_description`` empty when missing.
+    """
+
+    modality: str
+    body_part: str = ""
+    slice_count: int = 0
+    slice_thickness_mm: float | None = None
+    image_type: tuple[str, ...] = ()
+    series_description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A parsed ``model.toml``: everything the pipeline needs to run a model, apart from the weights.
+
+    ``bundle_dir`` is the folder holding the manifest; ``weights_path`` the absolute weights file.
+    """
+
+    name: str
+    version: str
+    description: str
+    family: CodeSpec
+    architecture: ArchitectureSpec
+    weights: WeightsSpec
+    series: SeriesCriteriaSpec
+    preprocess: tuple[StepSpec, ...]
+    inference: InferenceSpec
+    labels: tuple[LabelSpec, ...]
+    segmentation: SegmentationSpec
+    study_finding: StudyFindingSpec | None
+    outputs: OutputsSpec
+    bundle_dir: Path
+
+    @property
+    def weights_path(self) -> Path:
+        return self.bundle_dir / self.weights.file
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels the network must produce: background plus the highest label value."""
+        return max(label.value for label in self.labels) + 1
+
+    def label(self, value: int) -> LabelSpec:
+        for label in self.labels:
+            if label.value == value:
+                return label
+        raise KeyError(f"model {self.name} has no label {value}")
+
+    def accepts(self, candidate: SeriesCandidate) -> tuple[bool, str]:
+        """Whether this model analyses the series; see `accepts`."""
+        return accepts(self.series, candidate)
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def accepts(criteria: SeriesCriteriaSpec, candidate: SeriesCandidate) -> tuple[bool, str]:
+    """Decide whether a series meets a model's series criteria.
+
+    Parameters
+    ----------
+    criteria
+        The model's ``[series]`` criteria.
+    candidate
+        Header summary of the series.
+
+    Returns
+    -------
+    tuple[bool, str]
+        ``(True, "accepted")``, or ``(False, reason)`` with a short reason naming the attribute that
+        failed, e.g. ``"modality MR not in CT"``. Never includes patient data.
+    """
+    modality = candidate.modality.strip().upper()
+    if modality not in criteria.modality:
+        return False, f"modality {modality or '(missing)'} not in {'/'.join(criteria.modality)}"
+    body_part = candidate.body_part.strip().upper()
+    if criteria.body_part and body_part and body_part not in criteria.body_part:
+        return False, f"body part {body_part} not in {'/'.join(criteria.body_part)}"
+    if candidate.slice_count < criteria.min_slices:
+        return False, f"{candidate.slice_count} slices, fewer than {criteria.min_slices}"
+    thickness = candidate.slice_thickness_mm
+    limit = criteria.max_slice_thickness_mm
+    if limit is not None and thickness is not None and thickness > limit + 1e-6:
+        return False, f"slice thickness {thickness:g} mm above {limit:g} mm"
+    image_type = {value.strip().upper() for value in candidate.image_type}
+    excluded = sorted(image_type.intersection(criteria.image_type_excludes))
+    if excluded:
+        return False, f"image type {'/'.join(excluded)} excluded"
+    regex = criteria.series_description_regex
+    if regex is not None and re.search(regex, candidate.series_description, re.IGNORECASE) is None:
+        return False, "series description does not match the model's pattern"
+    return True, "accepted"
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------
+
+
+def load_spec(path: Path) -> ModelSpec:
+    """Read and validate a manifest.
+
+    Parameters
+    ----------
+    path
+        A bundle folder or its ``model.toml``.
+
+    Raises
+    ------
+    SpecError
+        Missing or unreadable file, invalid TOML, unknown/missing keys, wrong types or values.
+    """
+    path = Path(path)
+    manifest = path / MANIFEST_NAME if path.is_dir() else path
+    try:
+        with manifest.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise SpecError(f"{manifest}: no {MANIFEST_NAME} in the bundle") from None
+    except OSError as exc:
+        raise SpecError(f"{manifest}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{manifest}: invalid TOML: {exc}") from None
+    return parse_spec(data, bundle_dir=manifest.parent, source=str(manifest))
+
+
+def parse_spec(data: Mapping[str, Any], *, bundle_dir: Path, source: str = MANIFEST_NAME) -> ModelSpec:
+    """Validate a manifest already read as a mapping (see `load_spec`).
+
+    Raises
+    ------
+    SpecError
+        Naming ``source`` and the dotted key that is wrong.
+    """
+    p = _Parser(source)
+    top = p.table(data, "", required={"name", "version", "family", "architecture", "weights",
+                                      "series", "inference", "labels"},
+                  optional={"description", "preprocess", "segmentation", "study_finding", "outputs"})
+    name = p.string(top, "name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        p.fail("name", "must be letters, digits, '_', '-' or '.' (it names the model in logs and CLIs)")
+    version = p.string(top, "version")
+    description = p.string(top, "description", default="")
+    family = p.code(top["family"], "family")
+    architecture = _parse_architecture(p, top["architecture"])
+    weights = _parse_weights(p, top["weights"])
+    series = _parse_series(p, top["series"])
+    preprocess = _parse_preprocess(p, top.get("preprocess", []))
+    inference = _parse_inference(p, top["inference"])
+    labels = _parse_labels(p, top["labels"])
+    segmentation = _parse_segmentation(p, top.get("segmentation", {}))
+    study_finding = (_parse_study_finding(p, top["study_finding"]) if "study_finding" in top else None)
+    outputs = _parse_outputs(p, top.get("outputs", {}))
+    out_channels = architecture.params.get("out_channels")
+    expected = max(label.value for label in labels) + 1
+    if out_channels is not None and out_channels != expected:
+        p.fail("architecture.params.out_channels",
+               f"is {out_channels} but the labels need {expected} (background + label values)")
+    return ModelSpec(name=name, version=version, description=description, family=family,
+                     architecture=architecture, weights=weights, series=series,
+                     preprocess=preprocess, inference=inference, labels=labels,
+                     segmentation=segmentation, study_finding=study_finding, outputs=outputs,
+                     bundle_dir=Path(bundle_dir))
+
+
+def _parse_architecture(p: _Parser, raw: Any) -> ArchitectureSpec:
+    t = p.table(raw, "architecture", required={"name"}, optional={"params"})
+    name = p.string(t, "name", prefix="architecture")
+    if name not in KNOWN_ARCHITECTURES:
+        p.fail("architecture.name", f"{name!r} is unknown; use one of {', '.join(KNOWN_ARCHITECTURES)}")
+    params = p.table(t.get("params", {}), "architecture.params", open_keys=True)
+    return ArchitectureSpec(name=name, params=_freeze(params))
+
+
+def _parse_weights(p: _Parser, raw: Any) -> WeightsSpec:
+    t = p.table(raw, "weights", required={"file", "sha256"}, optional={"format"})
+    file = p.string(t, "file", prefix="weights")
+    if Path(file).is_absolute() or ".." in Path(file).parts:
+        p.fail("weights.file", "must be a file name inside the bundle folder")
+    sha256 = p.string(t, "sha256", prefix="weights").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        p.fail("weights.sha256", "must be 64 hexadecimal digits")
+    fmt = p.enum(t, "format", WeightsFormat, prefix="weights", default=WeightsFormat.STATE_DICT)
+    return WeightsSpec(file=file, sha256=sha256, format=fmt)
+
+
+def _parse_series(p: _Parser, raw: Any) -> SeriesCriteriaSpec:
+    t = p.table(raw, "series", required={"modality"},
+                optional={"body_part", "min_slices", "max_slice_thickness_mm",
+                          "image_type_excludes", "series_description_regex"})
+    modality = tuple(v.upper() for v in p.strings(t, "modality", prefix="series"))
+    body_part = tuple(v.upper() for v in p.strings(t, "body_part", prefix="series", default=()))
+    min_slices = p.integer(t, "min_slices", prefix="series", default=1, minimum=1)
+    thickness = p.number(t, "max_slice_thickness_mm", prefix="series", default=None, positive=True)
+    excludes = tuple(v.upper() for v in p.strings(t, "image_type_excludes", prefix="series",
+                                                  default=("LOCALIZER",)))
+    regex = p.string(t, "series_description_regex", prefix="series", default=None)
+    if regex is not None:
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            p.fail("series.series_description_regex", f"is not a valid regular expression: {exc}")
+    return SeriesCriteriaSpec(modality=modality, body_part=body_part, min_slices=min_slices,
+                              max_slice_thickness_mm=thickness, image_type_excludes=excludes,
+                              series_description_regex=regex)
+
+
+def _parse_preprocess(p: _Parser, raw: Any) -> tuple[StepSpec, ...]:
+    if not isinstance(raw, list):
+        p.fail("preprocess", "must be an array of tables ([[preprocess]])")
+    steps = []
+    for n, item in enumerate(raw):
+        key = f"preprocess[{n}]"
+        t = p.table(item, key, required={"op"}, open_keys=True)
+        op = p.string(t, "op", prefix=key)
+        if op not in KNOWN_PREPROCESS_OPS:
+            p.fail(f"{key}.op", f"{op!r} is unknown; use one of {', '.join(KNOWN_PREPROCESS_OPS)}")
+        params = {k: v for k, v in t.items() if k != "op"}
+        steps.append(StepSpec(op=op, params=_freeze(params)))
+    return tuple(steps)
+
+
+def _parse_inference(p: _Parser, raw: Any) -> InferenceSpec:
+    t = p.table(raw, "inference", required={"patch_size_zyx"},
+                optional={"overlap", "batch_size", "gaussian_sigma_scale"})
+    patch = t["patch_size_zyx"]
+    if (not isinstance(patch, list) or len(patch) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch)):
+        p.fail("inference.patch_size_zyx", "must be three positive integers [z, y, x]")
+    overlap = p.number(t, "overlap", prefix="inference", default=0.25)
+    if not 0.0 <= overlap < 1.0:
+        p.fail("inference.overlap", "must be in [0, 1)")
+    batch = p.integer(t, "batch_size", prefix="inference", default=2, minimum=1)
+    sigma = p.number(t, "gaussian_sigma_scale", prefix="inference", default=0.125, positive=True)
+    return InferenceSpec(patch_size_zyx=(patch[0], patch[1], patch[2]), overlap=overlap,
+                         batch_size=batch, gaussian_sigma_scale=sigma)
+
+
+def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        p.fail("labels", "must be a non-empty array of tables ([[labels]]); background is implicit")
+    labels: list[LabelSpec] = []
+    for n, item in enumerate(raw):
+        key = f"labels[{n}]"
+        t = p.table(item, key, required={"value", "name", "category", "type", "color_rgb"},
+                    optional={"threshold", "min_size_mm3", "is_finding", "finding_site"})
+        value = p.integer(t, "value", prefix=key, minimum=1, maximum=255)
+        color = t["color_rgb"]
+        if (not isinstance(color, list) or len(color) != 3
+                or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255
+                           for c in color)):
+            p.fail(f"{key}.color_rgb", "must be three integers 0-255")
+        threshold = p.number(t, "threshold", prefix=key, default=0.5)
+        if not 0.0 <= threshold <= 1.0:
+            p.fail(f"{key}.threshold", "must be in [0, 1]")
+        labels.append(LabelSpec(
+            value=value,
+            name=p.string(t, "name", prefix=key),
+            category=p.code(t["category"], f"{key}.category"),
+            type=p.code(t["type"], f"{key}.type"),
+            color_rgb=(color[0], color[1], color[2]),
+            threshold=threshold,
+            min_size_mm3=p.number(t, "min_size_mm3", prefix=key, default=0.0, minimum=0.0),
+            is_finding=p.boolean(t, "is_finding", prefix=key, default=False),
+            finding_site=(p.code(t["finding_site"], f"{key}.finding_site")
+                          if "finding_site" in t else None),
+        ))
+    values = [label.value for label in labels]
+    if len(set(values)) != len(values):
+        p.fail("labels", f"label values must be unique, got {values}")
+    names = [label.name for label in labels]
+    if len(set(names)) != len(names):
+        p.fail("labels", f"label names must be unique, got {names}")
+    return tuple(sorted(labels, key=lambda label: label.value))
+
+
+def _parse_segmentation(p: _Parser, raw: Any) -> SegmentationSpec:
+    t = p.table(raw, "segmentation", optional={"type"})
+    return SegmentationSpec(type=p.enum(t, "type", SegmentationType, prefix="segmentation",
+                                        default=SegmentationType.BINARY))
+
+
+def _parse_study_finding(p: _Parser, raw: Any) -> StudyFindingSpec:
+    t = p.table(raw, "study_finding", required={"name", "code"}, optional={"threshold", "source"})
+    threshold = p.number(t, "threshold", prefix="study_finding", default=0.5)
+    if not 0.0 <= threshold <= 1.0:
+        p.fail("study_finding.threshold", "must be in [0, 1]")
+    return StudyFindingSpec(
+        name=p.string(t, "name", prefix="study_finding"),
+        code=p.code(t["code"], "study_finding.code"),
+        threshold=threshold,
+        source=p.enum(t, "source", StudyFindingSource, prefix="study_finding",
+                      default=StudyFindingSource.HEAD),
+    )
+
+
+def _parse_outputs(p: _Parser, raw: Any) -> OutputsSpec:
+    t = p.table(raw, "outputs", optional={"seg_series_description", "sr_series_description"})
+    seg = p.string(t, "seg_series_description", prefix="outputs",
+                   default=DEFAULT_SEG_SERIES_DESCRIPTION)
+    sr = p.string(t, "sr_series_description", prefix="outputs", default=DEFAULT_SR_SERIES_DESCRIPTION)
+    for key, value in (("seg_series_description", seg), ("sr_series_description", sr)):
+        if not value or len(value) > 64:  # LO value representation: at most 64 characters
+            p.fail(f"outputs.{key}", "must be 1 to 64 characters (VR LO)")
+    return OutputsSpec(seg_series_description=seg, sr_series_description=sr)
+
+
+def _freeze(value: Any) -> Any:
+    """Make TOML values immutable: tables → read-only mappings, arrays → tuples."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+_MISSING: Any = object()
+
+
+class _Parser:
+    """Typed accessors that raise `SpecError` naming the manifest and the dotted key."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, message: str) -> None:
+        raise SpecError(f"{self.source}: {key} {message}")
+
+    def table(self, raw: Any, key: str, *, required: set[str] = frozenset(),  # type: ignore[assignment]
+              optional: set[str] = frozenset(), open_keys: bool = False) -> dict[str, Any]:  # type: ignore[assignment]
+        where = key or "top level"
+        if not isinstance(raw, dict):
+            self.fail(where, "must be a table")
+        prefix = f"{key}." if key else ""
+        if not open_keys:
+            unknown = sorted(set(raw) - set(required) - set(optional))
+            if unknown:
+                allowed = ", ".join(sorted(set(required) | set(optional)))
+                raise SpecError(f"{self.source}: unknown key {prefix}{unknown[0]} "
+                                f"(allowed in {where}: {allowed})")
+        missing = sorted(set(required) - set(raw))
+        if missing:
+            raise SpecError(f"{self.source}: missing key {prefix}{missing[0]}")
+        return raw
+
+    def _get(self, t: dict[str, Any], key: str, default: Any) -> Any:
+        if key in t:
+            return t[key]
+        return default
+
+    def string(self, t: dict[str, Any], key: str, *, prefix: str = "", default: Any = _MISSING) -> Any:
+        value = self._get(t, key, default)
+        if value is _MISSING or (value is not default and not isinstance(value, str)):
+            self.fail(_dotted(prefix, key), "must be a string")
+        return value
+
+    def strings(self, t: dict[str, Any], key: str, *, prefix: str = "",
+                default: Any = _MISSING) -> tuple[str, ...]:
+        value = self._get(t, key, default)
+        if value is default and value is not _MISSING:
+            return tuple(value)
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.fail(_dotted(prefix, key), "must be a string or an array of strings")
+        return tuple(value)
+
+    def integer(self, t: dict[str, Any], key: str, *, prefix: str = "", default: Any = _MISSING,
+                minimum: int | None = None, maximum: int | None = None) -> Any:
+        value = self._get(t, key, default)
+        if value is default and value is not _MISSING:
+            return value
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(_dotted(prefix, key), "must be an integer")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            self.fail(_dotted(prefix, key), f"must be in [{minimum}, {maximum}], got {value}")
+        return value
+
+    def number(self, t: dict[str, Any], key: str, *, prefix: str = "", default: Any = _MISSING,
+               minimum: float | None = None, positive: bool = False) -> Any:
+        value = self._get(t, key, default)
+        if value is default and value is not _MISSING:
+            return value
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            self.fail(_dotted(prefix, key), "must be a finite number")
+        if positive and value <= 0:
+            self.fail(_dotted(prefix, key), "must be positive")
+        if minimum is not None and value < minimum:
+            self.fail(_dotted(prefix, key), f"must be at least {minimum}")
+        return float(value)
+
+    def boolean(self, t: dict[str, Any], key: str, *, prefix: str = "", default: Any = _MISSING) -> Any:
+        value = self._get(t, key, default)
+        if not isinstance(value, bool):
+            self.fail(_dotted(prefix, key), "must be true or false")
+        return value
+
+    def enum(self, t: dict[str, Any], key: str, enum: type[StrEnum], *, prefix: str = "",
+             default: Any = _MISSING) -> Any:
+        value = self._get(t, key, default)
+        if value is default and value is not _MISSING:
+            return value
+        try:
+            return enum(value)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in enum)
+            self.fail(_dotted(prefix, key), f"must be one of {allowed}, got {value!r}")
+
+    def code(self, raw: Any, key: str) -> CodeSpec:
+        t = self.table(raw, key, required={"value", "scheme", "meaning"})
+        return CodeSpec(value=self.string(t, "value", prefix=key),
+                        scheme=self.string(t, "scheme", prefix=key),
+                        meaning=self.string(t, "meaning", prefix=key))
+
+
+def _dotted(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
