@@ -1,0 +1,438 @@
+"""``make demo``: the receiver end to end on this machine, with nothing to set up.
+
+Starts ``edge-node serve`` with a copy of the example config (``config/edge-node.toml``) changed only
+where a demo must differ (a free port on 127.0.0.1, a temporary data folder, the demo's sender among
+``allowed_callers``, a short ``quiet_seconds``), generates a small synthetic CT study, sends it by
+C-STORE with a pynetdicom SCU, polls ``edge-node status --json`` until every instance is indexed and
+the study is complete, prints the status table, and stops the receiver with SIGTERM. Exit status 0
+when all of that worked; 1 with a message naming the step that failed otherwise. It never leaves a
+process behind. It does not import the receiver's modules: it drives the real command line, as an
+operator would.
+
+Run: ``.venv/bin/python -m node.demo [--slices 40] [--size 256] [--data-dir DIR] [--timeout 120]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+DEMO_AE = "DEMO_SCU"
+QUIET_SECONDS = 3
+COMPLETE_STATES = ("DISPATCHED", "COMPLETE", "COMPLETED")
+
+
+class DemoError(RuntimeError):
+    """A demo step failed; the message names the step and where to look."""
+
+
+@dataclass(frozen=True, slots=True)
+class DemoStudy:
+    """The study the demo sends: its files and the UIDs to look for in the status output."""
+
+    files: tuple[Path, ...]
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+def example_config_path() -> Path:
+    """The annotated example config shipped with the package."""
+    return Path(__file__).resolve().parent.parent / "config" / "edge-node.toml"
+
+
+def override_toml(text: str, section: str, key: str, literal: str) -> str:
+    """Set ``key = literal`` in ``[section]`` of a TOML text, keeping every comment.
+
+    Replaces the key's line when the section has it, else adds the line at the end of the section.
+    ``literal`` is a TOML value as written (``"text"``, ``3``, ``[ { ae_title = "X" } ]``).
+    """
+    lines = text.splitlines()
+    current = None
+    section_end = None
+    key_re = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    for i, line in enumerate(lines):
+        header = re.match(r"^\s*\[([^\[\]]+)\]\s*(#.*)?$", line)
+        if header:
+            if current == section:
+                section_end = i
+                break
+            current = header.group(1).strip()
+            continue
+        if current == section and key_re.match(line):
+            lines[i] = f"{key} = {literal}"
+            return "\n".join(lines) + "\n"
+    if current != section and section_end is None:
+        lines += ["", f"[{section}]", f"{key} = {literal}"]
+    else:
+        at = section_end if section_end is not None else len(lines)
+        while at > 0 and not lines[at - 1].strip():
+            at -= 1
+        lines.insert(at, f"{key} = {literal}")
+    return "\n".join(lines) + "\n"
+
+
+def toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string without control characters is a TOML basic string
+
+
+def write_demo_config(path: Path, data_dir: Path) -> None:
+    """Copy the example config to ``path`` with the demo's changes (see the module docstring)."""
+    text = example_config_path().read_text(encoding="utf-8")
+    changes = [
+        ("receiver", "host", toml_string("127.0.0.1")),
+        ("receiver", "port", "0"),
+        ("receiver", "allowed_callers", f"[ {{ ae_title = {toml_string(DEMO_AE)}, host = \"127.0.0.1\" }} ]"),
+        ("receiver", "accept_any_caller", "false"),
+        ("storage", "data_dir", toml_string(str(data_dir))),
+        # The demo's disk may be small; the guard itself is exercised by the tests.
+        ("storage", "min_free_mb", "0"),
+        ("completion", "quiet_seconds", str(QUIET_SECONDS)),
+        ("completion", "check_interval_seconds", "0.5"),
+        # Ingest only until the analysis pipeline (issue 3) is wired into `serve`.
+        ("pipeline", "enabled", "false"),
+    ]
+    for section, key, literal in changes:
+        text = override_toml(text, section, key, literal)
+    path.write_text("# edge-node demo: a copy of config/edge-node.toml changed by node/demo.py\n" + text,
+                    encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# The study
+
+
+def write_demo_study(folder: Path, slices: int, size: int) -> DemoStudy:
+    """Write a small synthetic CT series (Explicit VR Little Endian, int16 HU) into ``folder``.
+
+    Uses the phantom generator of `models.phantoms` when it is available, else a plain pydicom writer.
+    """
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    spacing_mm = 350.0 / size
+    thickness_mm = 2.5
+    files = []
+    for index in range(slices):
+        hu = np.full((size, size), -1000.0, dtype=np.float32)
+        hu[(xx / 0.45) ** 2 + (yy / 0.33) ** 2 <= 1.0] = 40.0
+        for cx in (-0.18, 0.18):
+            hu[((xx - cx) / 0.13) ** 2 + (yy / 0.22) ** 2 <= 1.0] = -850.0
+        hu += rng.normal(0.0, 15.0, size=hu.shape).astype(np.float32)
+        pixels = np.clip(hu + 1024.0, 0, 4095).astype(np.uint16)
+        sop_uid = generate_uid()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = time.strftime("%Y%m%d")
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = time.strftime("%H%M%S")
+        ds.Modality = "CT"
+        ds.Manufacturer = "pacs-edge-node demo"
+        ds.PatientName = "DEMO^PHANTOM"
+        ds.PatientID = "DEMO0001"
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.AccessionNumber = ""
+        ds.ReferringPhysicianName = ""
+        ds.StudyID = "1"
+        ds.StudyDescription = "Demo chest CT (synthetic)"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = 1
+        ds.SeriesDescription = "Demo chest CT 2.5 mm"
+        ds.InstanceNumber = index + 1
+        ds.BodyPartExamined = "CHEST"
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.ImagePositionPatient = [-175.0, -175.0, -index * thickness_mm]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SliceThickness = thickness_mm
+        ds.PixelSpacing = [spacing_mm, spacing_mm]
+        ds.KVP = 120
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+        ds.PixelData = pixels.tobytes()
+        path = folder / f"CT{index + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return DemoStudy(tuple(files), study_uid, series_uid)
+
+
+# --------------------------------------------------------------------------------------------------
+# The receiver process
+
+
+def edge_node_command() -> list[str]:
+    """The ``edge-node`` console script of this environment, or ``python -m node.cli``."""
+    script = Path(sys.executable).with_name("edge-node")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "node.cli"]
+
+
+def poll(what: str, check: Callable[[], bool], deadline_s: float, interval_s: float = 0.2,
+         alive: Callable[[], None] | None = None) -> None:
+    """Call ``check`` until it is true; `DemoError` after ``deadline_s`` seconds."""
+    end = time.monotonic() + deadline_s
+    while not check():
+        if alive is not None:
+            alive()
+        if time.monotonic() > end:
+            raise DemoError(f"{what}: not done within {deadline_s:.0f} s")
+        time.sleep(interval_s)
+
+
+class Receiver:
+    """``edge-node serve`` as a child in its own process group, its log in a file."""
+
+    def __init__(self, config: Path, log: Path):
+        self.config = config
+        self.log = log
+        self._log_fh = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [*edge_node_command(), "serve", "--config", str(config)],
+            stdin=subprocess.DEVNULL, stdout=self._log_fh, stderr=subprocess.STDOUT,
+            cwd=config.parent, start_new_session=True,
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join("    " + line for line in text[-lines:])
+
+    def check_alive(self) -> None:
+        rc = self.proc.poll()
+        if rc is not None:
+            raise DemoError(f"edge-node serve exited early with status {rc}; its log ends with:\n{self.log_tail()}")
+
+    def port(self, deadline_s: float) -> int:
+        """Wait for the ``event=listening ... port=N`` log line; return N."""
+        found: list[int] = []
+
+        def listening() -> bool:
+            match = re.search(r"event=listening\b.*?\bport=(\d+)", self.log.read_text(errors="replace"))
+            if match:
+                found.append(int(match.group(1)))
+            return bool(found)
+
+        poll("edge-node serve start-up (log line event=listening)", listening, deadline_s, alive=self.check_alive)
+        return found[0]
+
+    def status(self, *, as_json: bool) -> str:
+        argv = [*edge_node_command(), "status", "--config", str(self.config)] + (["--json"] if as_json else [])
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=self.config.parent)
+        if result.returncode != 0:
+            raise DemoError(f"edge-node status exited with {result.returncode}: {result.stderr.strip()}")
+        return result.stdout
+
+    def stop(self, grace_s: float = 30.0) -> int | None:
+        """SIGTERM and wait; SIGKILL the group if it does not stop. Return the exit status, or None if killed."""
+        rc: int | None = None
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                rc = None
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # a worker child left behind must not outlive us
+            except (ProcessLookupError, PermissionError):
+                pass
+            if rc is None:
+                self.proc.wait(5)
+        finally:
+            self._log_fh.close()
+        return rc
+
+
+# --------------------------------------------------------------------------------------------------
+# Sending and checking
+
+
+def send_study(study: DemoStudy, port: int, called_ae: str) -> int:
+    """C-STORE every file over one association; return how many were answered 0x0000."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=DEMO_AE)
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise DemoError(f"association to {called_ae}@127.0.0.1:{port} was not accepted (see the receiver log)")
+    ok = 0
+    try:
+        for path in study.files:
+            status = assoc.send_c_store(dcmread(path))
+            code = getattr(status, "Status", None)
+            if code == 0x0000:
+                ok += 1
+            else:
+                say(f"  {path.name}: status {'none' if code is None else f'0x{code:04X}'}")
+    finally:
+        assoc.release()
+        ae.shutdown()
+    return ok
+
+
+def recent_studies(status: dict[str, Any]) -> list[dict[str, Any]]:
+    for key in ("recent_studies", "studies_recent", "recent"):
+        value = status.get(key)
+        if isinstance(value, list):
+            return [s for s in value if isinstance(s, dict)]
+    return []
+
+
+def study_state(status: dict[str, Any], study_instance_uid: str) -> str | None:
+    """The state of our study in ``edge-node status --json`` (the only study in the demo's index)."""
+    studies = recent_studies(status)
+    for entry in studies:
+        if entry.get("study_instance_uid") == study_instance_uid:
+            return str(entry.get("state"))
+    if len(studies) == 1:
+        return str(studies[0].get("state"))
+    return None
+
+
+def run_demo(work: Path, slices: int, size: int, timeout_s: float) -> None:
+    """Every step of the demo; raises `DemoError` naming the step that failed."""
+    started = time.monotonic()
+
+    def left() -> float:
+        return max(1.0, timeout_s - (time.monotonic() - started))
+
+    data_dir = work / "var"
+    config = work / "edge-node.toml"
+    write_demo_config(config, data_dir)
+    say(f"[1/6] config: {config} (copy of config/edge-node.toml; port 0 on 127.0.0.1, data_dir {data_dir}, "
+        f"allowed caller {DEMO_AE}, quiet_seconds {QUIET_SECONDS})")
+
+    study = write_demo_study(work / "study", slices, size)
+    total_mb = sum(p.stat().st_size for p in study.files) / 1e6
+    say(f"[2/6] generated a synthetic CT study: {len(study.files)} slices {size}x{size}, {total_mb:.1f} MB")
+
+    receiver = Receiver(config, work / "edge-node.log")
+    try:
+        port = receiver.port(min(60.0, left()))
+        say(f"[3/6] edge-node serve is listening on 127.0.0.1:{port} (pid {receiver.proc.pid})")
+
+        t0 = time.monotonic()
+        acknowledged = send_study(study, port, "EDGE_NODE")
+        seconds = time.monotonic() - t0
+        say(f"[4/6] sent {len(study.files)} instances by C-STORE as {DEMO_AE}: {acknowledged} acknowledged "
+            f"with status 0x0000 in {seconds:.1f} s")
+        if acknowledged != len(study.files):
+            raise DemoError(f"only {acknowledged} of {len(study.files)} instances were acknowledged")
+
+        snapshot: dict[str, Any] = {}
+
+        def complete() -> bool:
+            snapshot.clear()
+            snapshot.update(json.loads(receiver.status(as_json=True)))
+            state = study_state(snapshot, study.study_instance_uid)
+            return snapshot.get("instances") == len(study.files) and state in COMPLETE_STATES
+
+        say(f"      waiting for the index and for completion ({QUIET_SECONDS} s after the last instance) ...")
+        try:
+            poll("study completion", complete, left(), 0.5, alive=receiver.check_alive)
+        except DemoError:
+            raise DemoError(
+                f"the study did not complete in time; last status: {json.dumps(snapshot)}\n"
+                f"receiver log:\n{receiver.log_tail()}"
+            ) from None
+        state = study_state(snapshot, study.study_instance_uid)
+        say(f"[5/6] stored: {snapshot.get('instances')}/{len(study.files)} instances indexed; "
+            f"study complete (state {state})")
+        say("")
+        say(receiver.status(as_json=False).rstrip())
+        say("")
+    finally:
+        rc = receiver.stop()
+    if rc != 0:
+        raise DemoError(f"edge-node serve did not stop cleanly on SIGTERM (exit status {rc}); log:\n"
+                        f"{receiver.log_tail()}")
+    say("[6/6] edge-node serve stopped cleanly on SIGTERM (exit status 0)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m node.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=40, help="slices in the demo study (default 40)")
+    parser.add_argument("--size", type=int, default=256, help="rows = columns of each slice (default 256)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="keep config, study, data and log in this folder (default: a temporary folder, removed)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds the whole demo may take (default 120)")
+    args = parser.parse_args(argv)
+    if args.slices < 1 or args.size < 16:
+        parser.error("--slices must be at least 1 and --size at least 16")
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    if args.data_dir is not None:
+        work = args.data_dir.resolve()
+        if work.exists() and any(work.iterdir()):
+            parser.error(f"--data-dir {work} is not empty; choose a new or empty folder")
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="edge-node-demo-"))
+    say("edge-node demo: receive a CT study, index it, complete it")
+    try:
+        run_demo(work, args.slices, args.size, args.timeout)
+    except DemoError as exc:
+        say(f"demo FAILED: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        say("demo interrupted; receiver stopped")
+        return 1
+    finally:
+        if args.data_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    say("demo OK" + (f"; files kept in {work}" if args.data_dir is not None else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
