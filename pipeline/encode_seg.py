@@ -1,0 +1,251 @@
+"""DICOM Segmentation (PS3.3 A.51) of an analysis result, built only through highdicom's validating constructor.
+
+Segments (`plan_segments`): one per label that is not a finding (e.g. the lungs), then one per finding
+(each nodule its own segment, with the label's codes, "nodule 1", "nodule 2", ... and the same tracking
+identifier and UID as the SR measurement group that measures it, so the SR's referenced segment delimits
+exactly the measured region). A study without findings therefore gets a SEG holding the organ segments
+only; if that would leave no segment at all (a model with finding labels only), one empty segment per
+finding label is encoded and, since a SEG needs at least one frame, highdicom then encodes every frame
+(all empty). Frame ``k`` of the segment map is slice ``k`` of the source volume (`SourceSeries.frames`),
+placed with that slice's own Image Position (Patient): no flips, and enhanced multi-frame sources are
+referenced frame by frame. Patient, study and Specific Character Set come from the source images
+(highdicom copies them). Pure: returns a dataset; writing it is `pipeline.run`'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
+
+from models.spec import CodeSpec, LabelSpec
+from pipeline.postprocess import locate_findings
+from pipeline.types import SegmentationResult, SourceSeries
+from pipeline.uids import ResultUids
+
+if TYPE_CHECKING:
+    from models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+MANUFACTURER = "pacs-edge-node project"
+MANUFACTURER_MODEL_NAME = "pacs-edge-node"
+DEVICE_SERIAL_NUMBER = "edge-node"
+SEG_SERIES_NUMBER = 9901
+SR_SERIES_NUMBER = 9902
+
+
+def software_version() -> str:
+    """This product's version (Software Versions (0018,1020) of what we write)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pacs-edge-node")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def coded(code: CodeSpec) -> hd.sr.CodedConcept:
+    """A manifest code as a highdicom coded concept."""
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedSegment:
+    """One segment of the SEG: its number (1-based, consecutive), label and, for a finding, its index.
+
+    ``finding_index`` is ``Finding.index`` for a per-finding segment, None for a whole-label segment.
+    """
+
+    segment_number: int
+    label: LabelSpec
+    finding_index: int | None
+    segment_label: str
+    tracking_id: str | None
+    tracking_uid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentLayout:
+    """The segments of one SEG (see the module docstring for the rule)."""
+
+    segments: tuple[PlannedSegment, ...]
+
+    def segment_of_finding(self, finding_index: int) -> int:
+        """Segment number of a finding; raises KeyError if it has none."""
+        for segment in self.segments:
+            if segment.finding_index == finding_index:
+                return segment.segment_number
+        raise KeyError(f"finding {finding_index} has no segment")
+
+
+def finding_tracking_id(label: str, index: int) -> str:
+    """Tracking Identifier (TID 4108) of a finding, e.g. ``"nodule 1"``; also its segment label."""
+    return f"{label} {index}"[:64]
+
+
+def plan_segments(result: SegmentationResult, uids: ResultUids) -> SegmentLayout:
+    """Decide the segments of the SEG for ``result`` (see the module docstring)."""
+    planned: list[PlannedSegment] = []
+    for label in result.labels:
+        if not label.is_finding:
+            planned.append(PlannedSegment(len(planned) + 1, label, None, label.name[:64], None, None))
+    labels = {label.value: label for label in result.labels}
+    for finding in sorted(result.findings, key=lambda f: f.index):
+        tracking_uid = finding.tracking_uid or uids.tracking_uid(finding.index)
+        tracking_id = finding_tracking_id(finding.label, finding.index)
+        planned.append(
+            PlannedSegment(len(planned) + 1, labels[finding.label_value], finding.index, tracking_id, tracking_id, tracking_uid)
+        )
+    if not planned:
+        for label in result.labels:
+            planned.append(PlannedSegment(len(planned) + 1, label, None, label.name[:64], None, None))
+    if not planned:
+        raise ValueError("the model declares no labels: nothing to segment")
+    return SegmentLayout(tuple(planned))
+
+
+def segment_map(result: SegmentationResult, layout: SegmentLayout) -> NDArray[np.uint16]:
+    """The segment number of every voxel ``[k, j, i]`` (0 = no segment); segments never overlap."""
+    labels = result.label_map.array_zyx
+    out = np.zeros(labels.shape, dtype=np.uint16)
+    finding_map = locate_findings(result) if result.findings else None
+    for segment in layout.segments:
+        if segment.finding_index is None:
+            if not segment.label.is_finding:
+                out[labels == segment.label.value] = segment.segment_number
+        elif finding_map is not None:
+            out[finding_map == segment.finding_index] = segment.segment_number
+    return out
+
+
+def encode_seg(
+    source: SourceSeries,
+    result: SegmentationResult,
+    spec: ModelSpec,
+    uids: ResultUids,
+    *,
+    layout: SegmentLayout | None = None,
+    series_description: str | None = None,
+    series_number: int = SEG_SERIES_NUMBER,
+    instance_number: int = 1,
+) -> hd.seg.Segmentation:
+    """Build the Segmentation instance of one analysis.
+
+    Parameters
+    ----------
+    source
+        The analysed series; ``source.frames[k]`` is the source of slice k of ``result.label_map``.
+    result
+        Postprocessed result on the source grid.
+    spec
+        The model's manifest: algorithm name, version and family (Segmentation Algorithm Identification
+        Sequence), ``segmentation.type`` (BINARY or FRACTIONAL), default series description.
+    uids
+        Result UIDs (`pipeline.uids.plan_result_uids`): SEG Series and SOP Instance UIDs, tracking UIDs.
+    layout
+        The segments (`plan_segments`); computed when omitted. Pass the same layout to `encode_sr`.
+    series_description
+        Series Description (0008,103E); default ``spec.outputs.seg_series_description``.
+
+    Returns
+    -------
+    highdicom.seg.Segmentation
+
+    Raises
+    ------
+    ValueError
+        If the result's grid does not match the source (a programming error upstream) or highdicom
+        rejects an argument.
+    """
+    volume = result.label_map
+    if volume.shape_zyx != source.volume.shape_zyx or len(source.frames) != volume.shape_zyx[0]:
+        raise ValueError(
+            f"result grid {volume.shape_zyx} does not match the source ({source.volume.shape_zyx}, "
+            f"{len(source.frames)} frames)"
+        )
+    layout = layout if layout is not None else plan_segments(result, uids)
+    algorithm = hd.AlgorithmIdentificationSequence(name=spec.name, family=coded(spec.family), version=spec.version)
+    descriptions = []
+    for segment in layout.segments:
+        label = segment.label
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=segment.segment_number,
+                segment_label=segment.segment_label,
+                segmented_property_category=coded(label.category),
+                segmented_property_type=coded(label.type),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=segment.tracking_uid,
+                tracking_id=segment.tracking_id,
+                anatomic_regions=[coded(label.finding_site)] if label.finding_site is not None else None,
+                display_color=hd.color.CIELabColor.from_rgb(*label.color_rgb),
+            )
+        )
+    numbers = segment_map(result, layout)
+    segmentation_type = str(getattr(spec.segmentation.type, "value", spec.segmentation.type)).upper()
+    if segmentation_type == "FRACTIONAL":
+        pixel_array = _fractional_array(result, layout, numbers)
+    else:
+        segmentation_type = "BINARY"
+        pixel_array = numbers
+    orientation = _image_orientation(volume.affine_lps)
+    plane_positions = [
+        hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, frame.image_position_lps_mm) for frame in source.frames
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=list(source.datasets),
+        pixel_array=pixel_array,
+        segmentation_type=segmentation_type,
+        segment_descriptions=descriptions,
+        series_instance_uid=uids.seg_series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=uids.seg_sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER_MODEL_NAME,
+        software_versions=[software_version(), f"{spec.name} {spec.version}"[:64]],
+        device_serial_number=DEVICE_SERIAL_NUMBER,
+        plane_orientation=hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, orientation),
+        plane_positions=plane_positions,
+        content_description=f"{spec.name} {spec.version}"[:64],
+        content_label="SEGMENTATION",
+        content_creator_name=None,
+        omit_empty_frames=True,
+    )
+    seg.SeriesDescription = (series_description or spec.outputs.seg_series_description)[:64]
+    log.info(
+        "event=seg_encoded model=%s segments=%d frames=%d type=%s",
+        spec.name,
+        len(layout.segments),
+        int(seg.NumberOfFrames),
+        segmentation_type,
+    )
+    return seg
+
+
+def _image_orientation(affine_lps: NDArray[np.float64]) -> tuple[float, ...]:
+    """Image Orientation (Patient) from the affine: row direction cosine, then column direction cosine."""
+    row = affine_lps[:3, 0] / np.linalg.norm(affine_lps[:3, 0])
+    col = affine_lps[:3, 1] / np.linalg.norm(affine_lps[:3, 1])
+    return tuple(float(x) for x in (*row, *col))
+
+
+def _fractional_array(result: SegmentationResult, layout: SegmentLayout, numbers: NDArray[np.uint16]) -> NDArray[np.float32]:
+    """``[k, j, i, segment]`` probabilities for a FRACTIONAL SEG: each segment's label probability inside
+    the segment's voxels (0 outside), so thresholding at > 0 gives back the binary segment exactly."""
+    out = np.zeros((*numbers.shape, len(layout.segments)), dtype=np.float32)
+    for n, segment in enumerate(layout.segments):
+        inside = numbers == segment.segment_number
+        probability = result.probabilities.get(segment.label.value)
+        if probability is None:
+            out[..., n][inside] = 1.0
+        else:
+            # A voxel inside a segment must stay non-zero after 8-bit quantisation (max 255).
+            out[..., n][inside] = np.clip(probability[inside], 1.0 / 255.0, 1.0)
+    return out

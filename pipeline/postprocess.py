@@ -1,0 +1,333 @@
+"""Postprocessing: per-label probabilities on the source grid → label map, findings and their measurements.
+
+Input is the network's softmax output already mapped back onto the source grid
+(`pipeline.preprocess.invert_to_source`), channel ``c`` being the probability of the label whose
+manifest value is ``c`` (channel 0 = background). Output is a `SegmentationResult`: a uint8 label map with
+the source volume's geometry, the measured findings (connected components of the finding labels) and the
+study-level result. All measurements are physical, computed with the source affine (LPS mm), never with
+voxel counts alone. This module is pure: no I/O, no torch, no DICOM.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from models.spec import LabelSpec
+from pipeline.types import Finding, SegmentationResult, StudyFinding, Volume
+
+log = logging.getLogger(__name__)
+
+#: 26-connectivity in 3-D: voxels touching by a face, an edge or a corner belong to one component.
+CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+
+#: Slices processed at a time when building the label map, bounding the temporary memory
+#: (a 300×512×512 volume would otherwise need ~1 GB of float32 temporaries).
+_SLAB_SLICES = 32
+
+
+class StudyFindingSpecLike(Protocol):
+    """What postprocessing reads of the manifest's ``[study_finding]`` (models.spec)."""
+
+    name: str
+    threshold: float
+    source: str
+
+
+def plan_label_map(
+    probabilities_czyx: NDArray[np.floating[Any]],
+    labels: Sequence[LabelSpec],
+) -> NDArray[np.uint8]:
+    """Decide the label of every voxel from per-label probabilities and thresholds.
+
+    A voxel gets the foreground label ``c`` whose probability is highest among the labels that reach
+    their own ``LabelSpec.threshold``; a voxel where no foreground label reaches its threshold is
+    background (0). With softmax outputs and thresholds of 0.5 this equals the arg-max; a lower
+    threshold on a finding label makes the detector more sensitive without retraining.
+
+    Parameters
+    ----------
+    probabilities_czyx
+        ``[c, k, j, i]`` probabilities, ``c`` = label value (0 = background, ignored here).
+    labels
+        The manifest's labels; their values index the channel axis.
+
+    Returns
+    -------
+    NDArray[np.uint8]
+        Label map ``[k, j, i]``.
+
+    Raises
+    ------
+    ValueError
+        If a label's value has no channel, or the array is not 4-D.
+    """
+    if probabilities_czyx.ndim != 4:
+        raise ValueError(f"probabilities must be [c, k, j, i], got shape {probabilities_czyx.shape}")
+    channels = probabilities_czyx.shape[0]
+    for spec in labels:
+        if not 0 < spec.value < channels:
+            raise ValueError(f"label {spec.name!r} has value {spec.value} but the model gives {channels} channels")
+    label_map = np.zeros(probabilities_czyx.shape[1:], dtype=np.uint8)
+    for start in range(0, label_map.shape[0], _SLAB_SLICES):
+        stop = min(start + _SLAB_SLICES, label_map.shape[0])
+        best = np.full((stop - start, *label_map.shape[1:]), -np.inf, dtype=np.float32)
+        slab = label_map[start:stop]
+        for spec in sorted(labels, key=lambda s: s.value):
+            p = np.asarray(probabilities_czyx[spec.value, start:stop], dtype=np.float32)
+            take = (p >= spec.threshold) & (p > best)
+            slab[take] = spec.value
+            best[take] = p[take]
+    return label_map
+
+
+def voxel_volume_mm3(affine_lps: NDArray[np.float64]) -> float:
+    """Volume of one voxel in mm³ (|det| of the affine's 3×3 part)."""
+    return float(abs(np.linalg.det(affine_lps[:3, :3])))
+
+
+def longest_axial_diameter_mm(mask_zyx: NDArray[np.bool_], affine_lps: NDArray[np.float64]) -> float:
+    """Longest in-slice extent of a mask in mm, the usual "longest axial diameter" of a nodule.
+
+    For each slice, the largest distance between two pixel centres of the mask's boundary, measured in
+    LPS mm with the affine (so anisotropic or non-square pixels are measured correctly), plus the size
+    of one pixel along that line (pixel centres lie half a pixel inside the edges; a single pixel thus
+    measures one pixel). The maximum over slices is returned; 0.0 for an empty mask.
+
+    Parameters
+    ----------
+    mask_zyx
+        Boolean mask ``[k, j, i]`` (a bounding-box crop is fine: only in-plane distances are used).
+    affine_lps
+        The volume's affine; columns 0 and 1 give the LPS step of one column and one row.
+    """
+    col_step = affine_lps[:3, 0]
+    row_step = affine_lps[:3, 1]
+    spacing_i = float(np.linalg.norm(col_step))
+    spacing_j = float(np.linalg.norm(row_step))
+    best = 0.0
+    for k in range(mask_zyx.shape[0]):
+        plane = mask_zyx[k]
+        if not plane.any():
+            continue
+        edge = plane & ~ndimage.binary_erosion(plane, border_value=0)
+        jj, ii = np.nonzero(edge)
+        points_ji = np.stack([jj, ii], axis=1).astype(np.float64)
+        points_ji = _hull_points(points_ji)
+        xyz = points_ji[:, 1:2] * col_step + points_ji[:, 0:1] * row_step
+        diff = xyz[:, None, :] - xyz[None, :, :]
+        dist2 = np.einsum("abk,abk->ab", diff, diff)
+        a, b = np.unravel_index(int(np.argmax(dist2)), dist2.shape)
+        length = math.sqrt(float(dist2[a, b]))
+        if length == 0.0:
+            length_mm = max(spacing_i, spacing_j)  # one pixel (or a line of pixels across the plane)
+        else:
+            di, dj = points_ji[a, 1] - points_ji[b, 1], points_ji[a, 0] - points_ji[b, 0]
+            # Pixel size along the direction (di, dj): the step that moves one pixel's extent along it.
+            cos_i = abs(di) * spacing_i / length
+            sin_j = abs(dj) * spacing_j / length
+            along = 1.0 / math.sqrt((cos_i / spacing_i) ** 2 + (sin_j / spacing_j) ** 2)
+            length_mm = length + along
+        best = max(best, length_mm)
+    return best
+
+
+def _hull_points(points_ji: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Reduce a large point set to its convex hull's vertices (the farthest pair lies on the hull)."""
+    if len(points_ji) <= 256:
+        return points_ji
+    from scipy.spatial import ConvexHull, QhullError
+
+    try:
+        hull = ConvexHull(points_ji)
+    except QhullError:  # collinear points: every point may matter, but there are few distinct ends
+        return points_ji[[int(np.argmin(points_ji.sum(1))), int(np.argmax(points_ji.sum(1)))]]
+    return points_ji[hull.vertices]
+
+
+def postprocess(
+    probabilities_czyx: NDArray[np.floating[Any]],
+    source_hu: Volume,
+    labels: Sequence[LabelSpec],
+    *,
+    study_logit: float | None = None,
+    study_finding: StudyFindingSpecLike | None = None,
+    keep_probabilities: bool = False,
+) -> SegmentationResult:
+    """Turn probabilities on the source grid into a label map, measured findings and a study result.
+
+    Steps: `plan_label_map` (per-label thresholds); per label, connected components with
+    26-connectivity (`scipy.ndimage.label`), removing components smaller than
+    ``LabelSpec.min_size_mm3``; each surviving component of a label with ``is_finding`` becomes a
+    `Finding` with volume (mL), longest axial diameter (mm, `longest_axial_diameter_mm`), centroid
+    (LPS mm), mean and standard deviation of HU, and score (mean probability of its label inside it).
+    Findings are ordered by label value, then by decreasing size; ``Finding.index`` counts from 1 in that
+    order over all finding labels (it becomes the SR tracking identifier "finding <index>").
+
+    The study-level score is the sigmoid of ``study_logit`` when the manifest's study finding takes its
+    score from the model head (``source = "head"``) and the model gave one; otherwise the highest finding
+    score (0.0 without findings). ``present`` = score ≥ threshold.
+
+    Parameters
+    ----------
+    probabilities_czyx
+        ``[c, k, j, i]`` float probabilities on the source grid (same k, j, i as ``source_hu``).
+    source_hu
+        The source volume in HU with its affine; gives the geometry and the HU statistics.
+    labels
+        The manifest's labels (background excluded), values = channel indices.
+    study_logit
+        The model head's study-level logit, if it has one.
+    study_finding
+        The manifest's study finding (name, threshold, source). Without one, the first finding label's
+        name, threshold 0.5 and the highest finding score are used.
+    keep_probabilities
+        Keep each label's probability map in the result (needed for a FRACTIONAL SEG).
+
+    Returns
+    -------
+    SegmentationResult
+
+    Raises
+    ------
+    ValueError
+        If the probabilities' grid differs from the source volume's, or a label has no channel.
+    """
+    if tuple(probabilities_czyx.shape[1:]) != source_hu.shape_zyx:
+        raise ValueError(
+            f"probabilities grid {probabilities_czyx.shape[1:]} differs from the source grid {source_hu.shape_zyx}; "
+            "map them back with pipeline.preprocess.invert_to_source first"
+        )
+    label_map = plan_label_map(probabilities_czyx, labels)
+    voxel_mm3 = voxel_volume_mm3(source_hu.affine_lps)
+    findings: list[Finding] = []
+    for spec in sorted(labels, key=lambda s: s.value):
+        mask = label_map == spec.value
+        if not mask.any():
+            continue
+        components, count = ndimage.label(mask, structure=CONNECTIVITY_26)
+        sizes = np.bincount(components.ravel(), minlength=count + 1)
+        min_voxels = spec.min_size_mm3 / voxel_mm3 if voxel_mm3 > 0 else 0.0
+        small = np.nonzero((sizes < min_voxels) & (np.arange(count + 1) > 0))[0]
+        if len(small):
+            label_map[np.isin(components, small)] = 0
+            log.debug("event=components_removed label=%s count=%d min_size_mm3=%s", spec.name, len(small), spec.min_size_mm3)
+        if not spec.is_finding:
+            continue
+        probability = probabilities_czyx[spec.value]
+        for number, box in enumerate(ndimage.find_objects(components), start=1):
+            if box is None or sizes[number] < min_voxels:
+                continue
+            findings.append(_measure(spec, components[box] == number, box, source_hu, probability, voxel_mm3))
+    findings.sort(key=lambda f: (f.label_value, -f.voxel_count, f.centroid_lps_mm))
+    findings = [_with_index(f, n) for n, f in enumerate(findings, start=1)]
+    probabilities: dict[int, NDArray[np.float32]] = {}
+    if keep_probabilities:
+        probabilities = {s.value: np.asarray(probabilities_czyx[s.value], dtype=np.float32) for s in labels}
+    return SegmentationResult(
+        label_map=source_hu.with_array(label_map),
+        labels=tuple(sorted(labels, key=lambda s: s.value)),
+        findings=tuple(findings),
+        study_finding=decide_study_finding(findings, labels, study_logit=study_logit, study_finding=study_finding),
+        probabilities=probabilities,
+    )
+
+
+def decide_study_finding(
+    findings: Sequence[Finding],
+    labels: Sequence[LabelSpec],
+    *,
+    study_logit: float | None,
+    study_finding: StudyFindingSpecLike | None,
+) -> StudyFinding | None:
+    """The study-level result (see `postprocess`); ``None`` when the model has no finding label and no
+    study finding (e.g. a pure organ segmentation model)."""
+    finding_labels = [s for s in labels if s.is_finding]
+    if study_finding is None and not finding_labels:
+        return None
+    name = study_finding.name if study_finding is not None else finding_labels[0].name
+    threshold = float(study_finding.threshold) if study_finding is not None else 0.5
+    source = study_finding.source if study_finding is not None else "max_component_score"
+    if source == "head" and study_logit is not None:
+        score = 1.0 / (1.0 + math.exp(-float(study_logit))) if study_logit > -700 else 0.0
+    else:
+        score = max((f.score for f in findings), default=0.0)
+    return StudyFinding(name=name, score=float(score), present=bool(score >= threshold), threshold=threshold)
+
+
+def _measure(
+    spec: LabelSpec,
+    mask: NDArray[np.bool_],
+    box: tuple[slice, ...],
+    source_hu: Volume,
+    probability: NDArray[Any],
+    voxel_mm3: float,
+) -> Finding:
+    kk, jj, ii = np.nonzero(mask)
+    offset = np.array([box[0].start, box[1].start, box[2].start], dtype=np.float64)
+    centroid_kji = np.array([kk.mean(), jj.mean(), ii.mean()]) + offset
+    centroid = source_hu.index_to_lps(centroid_kji)
+    hu = np.asarray(source_hu.array_zyx[box][mask], dtype=np.float64)
+    prob = np.asarray(probability[box][mask], dtype=np.float64)
+    count = int(mask.sum())
+    return Finding(
+        label=spec.name,
+        label_value=spec.value,
+        index=0,
+        volume_ml=count * voxel_mm3 / 1000.0,
+        diameter_mm=longest_axial_diameter_mm(mask, source_hu.affine_lps),
+        centroid_lps_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+        mean_hu=float(hu.mean()),
+        std_hu=float(hu.std()),
+        score=float(prob.mean()),
+        voxel_count=count,
+        slice_indices=tuple(int(k) + box[0].start for k in np.unique(kk)),
+    )
+
+
+def _with_index(finding: Finding, index: int) -> Finding:
+    return replace(finding, index=index)
+
+
+def locate_findings(result: SegmentationResult) -> NDArray[np.uint16]:
+    """Map every voxel of a finding to its ``Finding.index`` (0 elsewhere), on the result's grid.
+
+    The findings' components are found again in the label map with the same 26-connectivity and matched
+    to the findings by label, voxel count and centroid (computed exactly as `postprocess` did), so the
+    encoders need no extra state in `SegmentationResult`.
+
+    Raises
+    ------
+    ValueError
+        If a component of a finding label matches no finding (the result was not made by `postprocess`).
+    """
+    label_map = result.label_map.array_zyx
+    index_map = np.zeros(label_map.shape, dtype=np.uint16)
+    by_label: dict[int, list[Finding]] = {}
+    for finding in result.findings:
+        by_label.setdefault(finding.label_value, []).append(finding)
+    for value, findings in by_label.items():
+        components, _ = ndimage.label(label_map == value, structure=CONNECTIVITY_26)
+        for number, box in enumerate(ndimage.find_objects(components), start=1):
+            if box is None:
+                continue
+            mask = components[box] == number
+            kk, jj, ii = np.nonzero(mask)
+            centroid_kji = np.array([kk.mean(), jj.mean(), ii.mean()]) + [box[0].start, box[1].start, box[2].start]
+            centroid = result.label_map.index_to_lps(centroid_kji)
+            match = [
+                f
+                for f in findings
+                if f.voxel_count == len(kk) and np.allclose(f.centroid_lps_mm, centroid, atol=1e-6, rtol=0.0)
+            ]
+            if not match:
+                raise ValueError(f"a component of label {value} ({len(kk)} voxels) matches no finding")
+            index_map[box][mask] = match[0].index
+    return index_map
