@@ -1,0 +1,265 @@
+"""Network architectures that model bundles name in ``[architecture]`` and store as a state_dict.
+
+Every network maps a batch ``[B, C_in, Z, Y, X]`` to ``(seg_logits [B, C_out, Z, Y, X], cls_logit
+[B, 1] or None)``: segmentation logits on the input grid (channel c = label value c, channel 0 =
+background) and, when the network has a study-level head, one "finding present" logit per window.
+`split_outputs` brings the outputs of any model (a TorchScript file returning a tensor, a tuple or a
+list) to that pair. This module knows nothing of DICOM, manifests on disk or devices.
+
+- ``unet3d`` (`UNet3D`): a 3-D U-Net (Çiçek et al. 2016, in nnU-Net's plain-convolution form) with
+  configurable width, depth, normalisation and optional residual blocks, plus an optional
+  classification head pooling the bottleneck and/or the last decoder features.
+- ``fcn3d`` (`FCN3D`): a plain fully convolutional stack without down-sampling; small enough to set by
+  hand (the tests' tiny model) or to serve as a fast baseline.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.spec import ArchitectureSpec, SpecError
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True, eps=1e-5)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "group":
+        groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    raise ValueError(f"norm must be 'instance', 'batch' or 'group', got {kind!r}")
+
+
+class ConvBlock(nn.Module):
+    """Two 3×3×3 convolutions, each followed by normalisation and LeakyReLU; the first may stride.
+
+    With ``residual`` the block adds its (projected when the shape changes) input before the last
+    activation, as in residual encoders.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1, norm: str = "instance",
+                 residual: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _norm(norm, out_channels)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = _norm(norm, out_channels)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
+        self.residual = residual
+        if residual and (stride != 1 or in_channels != out_channels):
+            self.project: nn.Module = nn.Sequential(
+                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False),
+                _norm(norm, out_channels))
+        else:
+            self.project = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.act(self.norm1(self.conv1(x)))
+        y = self.dropout(y)
+        y = self.norm2(self.conv2(y))
+        if self.residual:
+            y = y + self.project(x)
+        return self.act(y)
+
+
+class UNet3D(nn.Module):
+    """A 3-D U-Net with an optional study-level classification head.
+
+    Parameters
+    ----------
+    in_channels, out_channels
+        Input channels (1 for CT) and output classes including background.
+    width
+        Feature channels at full resolution; each level doubles them, capped at ``max_width``.
+    depth
+        Resolution levels (``depth - 1`` stride-2 down-samplings). Inputs whose sizes are not a multiple
+        of ``2 ** (depth - 1)`` are padded internally and the output is cropped back.
+    norm
+        ``"instance"`` (default; batch-size independent, so sliding-window batching cannot change the
+        result), ``"batch"`` or ``"group"``.
+    residual
+        Residual convolution blocks.
+    classification_head
+        Add the study-level head: global average and max pooling of the features named by
+        ``head_features`` (``"bottleneck"``, ``"decoder"`` = last decoder level, or ``"both"``) → a
+        linear layer → one logit per input.
+    dropout
+        Channel dropout inside the blocks (training only).
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, width: int = 16, depth: int = 4,
+                 norm: str = "instance", residual: bool = False, classification_head: bool = False,
+                 head_features: str = "bottleneck", max_width: int = 320, dropout: float = 0.0) -> None:
+        super().__init__()
+        if depth < 1 or width < 1 or in_channels < 1 or out_channels < 1:
+            raise ValueError("depth, width, in_channels and out_channels must be positive")
+        if head_features not in ("bottleneck", "decoder", "both"):
+            raise ValueError(f"head_features must be 'bottleneck', 'decoder' or 'both', got {head_features!r}")
+        _norm(norm, 8)  # validates the name early
+        widths = [min(width * 2 ** level, max_width) for level in range(depth)]
+        self.multiple = 2 ** (depth - 1)
+        self.encoders = nn.ModuleList()
+        previous = in_channels
+        for level, channels in enumerate(widths):
+            self.encoders.append(ConvBlock(previous, channels, stride=1 if level == 0 else 2,
+                                           norm=norm, residual=residual, dropout=dropout))
+            previous = channels
+        self.upsamplers = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for level in range(depth - 2, -1, -1):
+            self.upsamplers.append(nn.ConvTranspose3d(widths[level + 1], widths[level], 2, stride=2,
+                                                      bias=False))
+            self.decoders.append(ConvBlock(2 * widths[level], widths[level], norm=norm,
+                                           residual=residual, dropout=dropout))
+        self.seg_head = nn.Conv3d(widths[0], out_channels, 1)
+        self.head_features = head_features
+        self.has_head = classification_head
+        pooled = 0
+        if head_features in ("bottleneck", "both"):
+            pooled += 2 * widths[-1]
+        if head_features in ("decoder", "both"):
+            pooled += 2 * widths[0]
+        self.cls_head = nn.Linear(pooled, 1) if classification_head else nn.Identity()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        size = x.shape[2:]
+        pads: list[int] = []
+        for n in (int(size[2]), int(size[1]), int(size[0])):  # F.pad order: last axis first
+            pads += [0, (-n) % self.multiple]
+        if sum(pads) > 0:
+            x = F.pad(x, pads)
+        skips: list[Tensor] = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+        bottleneck = x
+        for i, (up, decoder) in enumerate(zip(self.upsamplers, self.decoders)):
+            x = up(x)
+            x = decoder(torch.cat([x, skips[-2 - i]], dim=1))
+        seg = self.seg_head(x)
+        seg = seg[:, :, : int(size[0]), : int(size[1]), : int(size[2])]
+        cls: Optional[Tensor] = None
+        if self.has_head:
+            pooled: list[Tensor] = []
+            if self.head_features in ("bottleneck", "both"):
+                pooled += [bottleneck.mean(dim=(2, 3, 4)), bottleneck.amax(dim=(2, 3, 4))]
+            if self.head_features in ("decoder", "both"):
+                pooled += [x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))]
+            cls = self.cls_head(torch.cat(pooled, dim=1))
+        return seg, cls
+
+
+class FCN3D(nn.Module):
+    """A plain fully convolutional network: hidden convolutions ("same" padding) → 1×1×1 classifier.
+
+    Parameters
+    ----------
+    in_channels, out_channels
+        Input channels and output classes including background.
+    channels, kernel_sizes, dilations
+        One entry per hidden layer: its width, cubic kernel size (odd) and dilation.
+    activation
+        ``"relu"``, ``"leaky_relu"`` or ``"sigmoid"`` after every hidden layer.
+    classification_head
+        Add a head: global max pooling of the segmentation logits → linear → one logit.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2,
+                 channels: tuple[int, ...] | list[int] = (16, 16),
+                 kernel_sizes: tuple[int, ...] | list[int] = (3, 3),
+                 dilations: tuple[int, ...] | list[int] | None = None, activation: str = "relu",
+                 classification_head: bool = False) -> None:
+        super().__init__()
+        dilations = tuple(dilations) if dilations is not None else (1,) * len(channels)
+        if not (len(channels) == len(kernel_sizes) == len(dilations)):
+            raise ValueError("channels, kernel_sizes and dilations need one entry per hidden layer")
+        if any(k % 2 == 0 for k in kernel_sizes):
+            raise ValueError("kernel sizes must be odd (the output stays on the input grid)")
+        acts: dict[str, Callable[[], nn.Module]] = {
+            "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "sigmoid": nn.Sigmoid}
+        if activation not in acts:
+            raise ValueError(f"activation must be one of {', '.join(acts)}, got {activation!r}")
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for width, kernel, dilation in zip(channels, kernel_sizes, dilations):
+            layers += [nn.Conv3d(previous, width, kernel, padding=dilation * (kernel // 2),
+                                 dilation=dilation), acts[activation]()]
+            previous = width
+        self.features = nn.Sequential(*layers)
+        self.seg_head = nn.Conv3d(previous, out_channels, 1)
+        self.has_head = classification_head
+        self.cls_head = nn.Linear(out_channels, 1) if classification_head else nn.Identity()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        seg = self.seg_head(self.features(x))
+        cls: Optional[Tensor] = None
+        if self.has_head:
+            cls = self.cls_head(seg.amax(dim=(2, 3, 4)))
+        return seg, cls
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"unet3d": UNet3D, "fcn3d": FCN3D}
+
+
+def build_network(architecture: ArchitectureSpec) -> nn.Module:
+    """Instantiate the network a manifest names, with its parameters.
+
+    Raises
+    ------
+    SpecError
+        Unknown architecture, unknown parameter (named) or a value the constructor rejects.
+    """
+    cls = ARCHITECTURES.get(architecture.name)
+    if cls is None:
+        raise SpecError(f"architecture.name {architecture.name!r} is unknown; use one of "
+                        f"{', '.join(ARCHITECTURES)}")
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    params = dict(architecture.params)
+    for key in sorted(params):
+        if key not in accepted:
+            raise SpecError(f"unknown key architecture.params.{key} for {architecture.name} "
+                            f"(allowed: {', '.join(sorted(accepted))})")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"architecture.params for {architecture.name}: {exc}") from None
+
+
+def split_outputs(output: Any) -> tuple[Tensor, Tensor | None]:
+    """Bring a model's raw output to ``(seg_logits [B, C, Z, Y, X], cls_logit [B, 1] or None)``.
+
+    Accepts a tensor (segmentation only), a tuple or list ``(seg,)`` or ``(seg, cls)`` (``cls`` may be
+    None, shaped ``[B]`` or ``[B, 1]``), or a mapping with ``"seg"``/``"seg_logits"`` and optionally
+    ``"cls"``/``"cls_logit"`` — the forms TorchScript exports of segmentation networks use.
+
+    Raises
+    ------
+    TypeError
+        Any other form, or a segmentation output that is not 5-D.
+    """
+    cls: Tensor | None = None
+    if isinstance(output, Tensor):
+        seg = output
+    elif isinstance(output, (tuple, list)) and 1 <= len(output) <= 2:
+        seg = output[0]
+        cls = output[1] if len(output) == 2 else None
+    elif isinstance(output, Mapping):
+        seg = output.get("seg_logits", output.get("seg"))
+        cls = output.get("cls_logit", output.get("cls"))
+    else:
+        raise TypeError(f"model output of type {type(output).__name__} is not a tensor, "
+                        "(seg, cls) tuple or mapping")
+    if not isinstance(seg, Tensor) or seg.dim() != 5:
+        raise TypeError("the model's segmentation output must be a 5-D tensor [B, C, Z, Y, X]")
+    if cls is not None:
+        if not isinstance(cls, Tensor):
+            raise TypeError("the model's classification output must be a tensor or None")
+        cls = cls.reshape(seg.shape[0], -1)[:, :1]
+    return seg, cls

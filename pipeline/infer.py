@@ -1,0 +1,247 @@
+"""Run a loaded model over a preprocessed volume: sliding window, Gaussian blending, softmax.
+
+`infer` takes the preprocessed array ``[C, Z, Y, X]`` and returns per-class probabilities on the same
+grid plus the study-level logit. Windows of the manifest's patch size tile the volume with the given
+overlap (the last window flush with the far edge, as nnU-Net places them); each window's logits are
+weighted by a Gaussian importance map (centre trusted more than the edges) and the sums divided by the
+summed weights, so the blend is an exact weighted mean: a model that returns its input reproduces the
+input. A volume smaller than the window is padded (with each channel's minimum, i.e. air for normalised
+CT) and cropped back. Windows go through the network in batches under ``torch.inference_mode``, with
+autocast (bf16, or fp16 where bf16 is unsupported) on CUDA. On CUDA out-of-memory the whole volume is
+retried with half the batch, then on the CPU, each step logged. This module knows nothing of DICOM,
+geometry or the manifest's other sections; it must not change its input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor, nn
+
+from models.loader import ModelHandle, load_model
+from models.networks import split_outputs
+from models.spec import InferenceSpec
+
+log = logging.getLogger(__name__)
+
+Window = tuple[slice, slice, slice]
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceOutput:
+    """The network's output on the preprocessed grid.
+
+    ``probabilities_czyx``: float32 softmax probabilities ``[C_out, Z, Y, X]`` (channel c = label value
+    c, 0 = background), same spatial shape as the input. ``study_logit``: the largest per-window
+    classification logit, or None when the model has no study-level head. ``device`` where it finally
+    ran, ``batch_size`` the batch that succeeded, ``windows`` the number of windows, ``seconds`` the
+    wall time.
+    """
+
+    probabilities_czyx: NDArray[np.float32]
+    study_logit: float | None
+    device: str = "cpu"
+    batch_size: int = 1
+    windows: int = 0
+    seconds: float = 0.0
+
+
+def infer(model_handle: ModelHandle | nn.Module | Callable[[Tensor], Any],
+          array_czyx: NDArray[np.float32], spec: InferenceSpec,
+          device: torch.device | str | None = None) -> InferenceOutput:
+    """Sliding-window inference with Gaussian blending, batching, AMP and out-of-memory fallback.
+
+    Parameters
+    ----------
+    model_handle
+        A `models.loader.ModelHandle` (its module and device are used), or any module/callable mapping
+        ``[B, C, z, y, x]`` to an output `models.networks.split_outputs` understands, with the spatial
+        size of its input.
+    array_czyx
+        Preprocessed input, ``[C, Z, Y, X]`` (a ``[Z, Y, X]`` array is taken as one channel).
+    spec
+        Window size (voxels, array order), overlap fraction, batch size, Gaussian sigma scale.
+    device
+        Where to run; None = the handle's device (CPU for a bare module).
+
+    Returns
+    -------
+    InferenceOutput
+
+    Raises
+    ------
+    pipeline.errors.TransientPipelineError
+        Out of memory even with batch size 1 on the CPU.
+    ValueError
+        An input that is not 3-D/4-D or not finite, or a model whose output has another spatial size.
+    """
+    started = time.perf_counter()
+    array = np.asarray(array_czyx, dtype=np.float32)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or min(array.shape) < 1:
+        raise ValueError(f"infer expects [C, Z, Y, X], got shape {np.shape(array_czyx)}")
+    if not np.isfinite(array).all():
+        raise ValueError("infer input contains NaN or infinite values")
+    spec_handle = model_handle if isinstance(model_handle, ModelHandle) else None
+    module = spec_handle.module if spec_handle is not None else model_handle
+    if device is None:
+        target = spec_handle.device if spec_handle is not None else torch.device("cpu")
+    else:
+        target = torch.device(device)
+    if spec_handle is not None and target != spec_handle.device:
+        module = load_model(spec_handle.spec, target).module
+    batch = max(1, int(spec.batch_size))
+    while True:
+        try:
+            logits, study_logit, windows = sliding_window_logits(module, array, spec, target, batch)
+            break
+        except torch.OutOfMemoryError:
+            _release(target)
+            if batch > 1:
+                log.warning("event=infer_out_of_memory device=%s batch_size=%d action=retry_batch_size_%d",
+                            target, batch, batch // 2)
+                batch //= 2
+                continue
+            if target.type != "cpu":
+                log.warning("event=infer_out_of_memory device=%s batch_size=1 action=retry_on_cpu", target)
+                cpu = torch.device("cpu")
+                module = (load_model(spec_handle.spec, cpu).module if spec_handle is not None
+                          else _module_on_cpu(module))
+                target, batch = cpu, max(1, int(spec.batch_size))
+                continue
+            from pipeline.errors import TransientPipelineError
+
+            raise TransientPipelineError(
+                "out of memory during inference on the CPU with batch size 1; free memory or use a "
+                "smaller patch size") from None
+    with torch.inference_mode():
+        probabilities = torch.softmax(logits, dim=0).cpu().numpy().astype(np.float32, copy=False)
+    seconds = time.perf_counter() - started
+    log.info("event=infer_done device=%s windows=%d batch_size=%d seconds=%.3f", target, windows, batch,
+             seconds)
+    return InferenceOutput(probabilities_czyx=probabilities, study_logit=study_logit, device=str(target),
+                           batch_size=batch, windows=windows, seconds=seconds)
+
+
+def sliding_window_logits(module: nn.Module | Callable[[Tensor], Any], array_czyx: NDArray[np.float32],
+                          spec: InferenceSpec, device: torch.device, batch_size: int
+                          ) -> tuple[Tensor, float | None, int]:
+    """Blend the model's logits over all windows; the core of `infer` without softmax or fallback.
+
+    Returns
+    -------
+    tuple
+        ``(logits [C_out, Z, Y, X] float32 on device, largest window classification logit or None,
+        number of windows)``.
+
+    Raises
+    ------
+    torch.OutOfMemoryError
+        Left to the caller (`infer` retries).
+    """
+    shape = tuple(int(n) for n in array_czyx.shape[1:])
+    patch = tuple(int(n) for n in spec.patch_size_zyx)
+    padded_shape = tuple(max(s, p) for s, p in zip(shape, patch))
+    before = [(p - s) // 2 for s, p in zip(shape, padded_shape)]
+    if padded_shape != shape:
+        fill = array_czyx.reshape(array_czyx.shape[0], -1).min(axis=1)
+        padded = np.empty((array_czyx.shape[0], *padded_shape), dtype=np.float32)
+        padded[:] = fill[:, None, None, None]
+        padded[(slice(None), *(slice(b, b + s) for b, s in zip(before, shape)))] = array_czyx
+    else:
+        padded = array_czyx
+    windows = list(window_slices(padded_shape, patch, spec.overlap))
+    importance = torch.from_numpy(gaussian_importance_map(patch, spec.gaussian_sigma_scale)).to(device)
+    logits_sum: Tensor | None = None
+    weight_sum = torch.zeros(padded_shape, dtype=torch.float32, device=device)
+    study_logit: float | None = None
+    with torch.inference_mode(), _autocast(device):
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start : start + batch_size]
+            batch = np.stack([padded[(slice(None), *w)] for w in chunk])
+            seg, cls = split_outputs(module(torch.from_numpy(batch).to(device)))
+            if tuple(seg.shape[2:]) != patch or seg.shape[0] != len(chunk):
+                raise ValueError(f"model returned {tuple(seg.shape)} for input {tuple(batch.shape)}; "
+                                 "segmentation output must keep the batch and spatial size")
+            seg = seg.float()
+            if logits_sum is None:
+                logits_sum = torch.zeros((seg.shape[1], *padded_shape), dtype=torch.float32,
+                                         device=device)
+            for b, w in enumerate(chunk):
+                logits_sum[(slice(None), *w)] += seg[b] * importance
+                weight_sum[w] += importance
+            if cls is not None:
+                top = float(cls.float().max())
+                study_logit = top if study_logit is None else max(study_logit, top)
+    if logits_sum is None:  # unreachable: a non-empty volume has at least one window
+        raise ValueError("no window to run")
+    logits = logits_sum / weight_sum
+    crop = (slice(None), *(slice(b, b + s) for b, s in zip(before, shape)))
+    return logits[crop], study_logit, len(windows)
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices of windows of ``patch`` voxels covering ``size`` ≥ ``patch`` voxels.
+
+    Neighbours overlap by at least ``overlap`` × patch; starts are spread evenly from 0 to
+    ``size - patch`` (so the last window ends at the edge), as nnU-Net's sliding window does.
+    """
+    if size <= patch:
+        return [0]
+    stride = max(1.0, patch * (1.0 - overlap))
+    count = math.ceil((size - patch) / stride) + 1
+    step = (size - patch) / (count - 1)
+    return sorted({int(round(step * i)) for i in range(count)})
+
+
+def window_slices(shape_zyx: tuple[int, ...], patch_zyx: tuple[int, ...],
+                  overlap: float) -> Iterator[Window]:
+    """Every window of the volume, z-major, as slices (order fixed: results never depend on batching)."""
+    starts = [window_starts(s, p, overlap) for s, p in zip(shape_zyx, patch_zyx)]
+    for z, y, x in itertools.product(*starts):
+        yield (slice(z, z + patch_zyx[0]), slice(y, y + patch_zyx[1]), slice(x, x + patch_zyx[2]))
+
+
+def gaussian_importance_map(patch_zyx: tuple[int, ...], sigma_scale: float) -> NDArray[np.float32]:
+    """Separable Gaussian weights over a window: 1 at the centre, sigma = ``sigma_scale`` × size.
+
+    Floored at 1e-3 of the peak so that voxels seen only near window edges keep a defined weight.
+    """
+    axes = []
+    for n in patch_zyx:
+        sigma = max(n * sigma_scale, 1e-6)
+        coords = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+        axes.append(np.exp(-0.5 * (coords / sigma) ** 2))
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weights /= weights.max()
+    return np.maximum(weights, 1e-3).astype(np.float32)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _module_on_cpu(module: Any) -> Any:
+    """A CPU copy of a bare module (the caller's module stays where it is)."""
+    if isinstance(module, nn.Module):
+        return copy.deepcopy(module).to("cpu")
+    return module
