@@ -347,7 +347,10 @@ class EdgeNode(Receiver):
         )
         if result.returncode != 0:
             return -1
-        return int(json.loads(result.stdout).get("instances", -1))
+        indexed = int(json.loads(result.stdout).get("instances", -1))
+        # Both must agree: the files in the spool (what was acknowledged) and the index rows.
+        spooled = sum(1 for _ in (self.config.parent / "var" / "spool" / "instances").rglob("*.dcm"))
+        return min(indexed, spooled)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 DEMO_AE = "DEMO_SCU"
 QUIET_SECONDS = 3
-COMPLETE_STATES = ("DISPATCHED", "COMPLETE", "COMPLETED")
+COMPLETE_STATES = ("DISPATCHED",)  # node.records.StudyState once a study is complete
 
 
 class DemoError(RuntimeError):
@@ -318,11 +318,9 @@ def send_study(study: DemoStudy, port: int, called_ae: str) -> int:
 
 
 def recent_studies(status: dict[str, Any]) -> list[dict[str, Any]]:
-    for key in ("recent_studies", "studies_recent", "recent"):
-        value = status.get(key)
-        if isinstance(value, list):
-            return [s for s in value if isinstance(s, dict)]
-    return []
+    """The ``recent_studies`` list of ``edge-node status --json``."""
+    value = status.get("recent_studies")
+    return [s for s in value if isinstance(s, dict)] if isinstance(value, list) else []
 
 
 def study_state(status: dict[str, Any], study_instance_uid: str) -> str | None:
@@ -383,8 +381,9 @@ def run_demo(work: Path, slices: int, size: int, timeout_s: float) -> None:
                 f"receiver log:\n{receiver.log_tail()}"
             ) from None
         state = study_state(snapshot, study.study_instance_uid)
+        jobs = ", ".join(f"{k}={v}" for k, v in sorted((snapshot.get("jobs") or {}).items()) if v)
         say(f"[5/6] stored: {snapshot.get('instances')}/{len(study.files)} instances indexed; "
-            f"study complete (state {state})")
+            f"study complete (state {state}); jobs: {jobs or 'none'}")
         say("")
         say(receiver.status(as_json=False).rstrip())
         say("")
