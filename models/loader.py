@@ -12,6 +12,7 @@ import hashlib
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,7 +185,12 @@ def clear_cache() -> None:
 def _load_module(spec: ModelSpec, path: Path, device: torch.device) -> nn.Module:
     if spec.weights.format is WeightsFormat.TORCHSCRIPT:
         try:
-            module = torch.jit.load(str(path), map_location=device)
+            with warnings.catch_warnings():
+                # torch ≥ 2.9 deprecates TorchScript in favour of torch.export, but it is the format
+                # users' existing segmentation models ship in (issue 3, item 3).
+                warnings.filterwarnings("ignore", message=r"`torch\.jit\.",
+                                        category=DeprecationWarning)
+                module = torch.jit.load(str(path), map_location=device)
         except (RuntimeError, ValueError) as exc:
             raise WeightsError(f"model {spec.name}: {path} is not a TorchScript file: "
                                f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from None

@@ -17,6 +17,7 @@ offsets ±2); a 1×1×1 classifier. Same input → same output, bit for bit, on 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -115,7 +116,10 @@ def make_tiny_bundle(dest: Path, *, torchscript: bool = False,
     net = tiny_network(classification_head=classification_head)
     if torchscript:
         weights = dest / "weights.ts"
-        torch.jit.save(torch.jit.script(net), str(weights))
+        with warnings.catch_warnings():  # TorchScript is deprecated in torch ≥ 2.9, still supported
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.",
+                                    category=DeprecationWarning)
+            torch.jit.save(torch.jit.script(net), str(weights))
         fmt = "torchscript"
     else:
         weights = dest / "weights.pt"

@@ -1,0 +1,139 @@
+"""Networks: shapes, heads, TorchScript, the architecture list, output forms, and the tiny model's behaviour."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from models.networks import ARCHITECTURES, FCN3D, UNet3D, build_network, split_outputs
+from models.spec import KNOWN_ARCHITECTURES, ArchitectureSpec, SpecError
+from tests.models.tiny_bundle import tiny_network
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch", "group"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_unet_keeps_the_input_grid_for_sizes_that_are_not_multiples(norm: str, residual: bool) -> None:
+    net = UNet3D(in_channels=1, out_channels=3, width=4, depth=3, norm=norm, residual=residual).eval()
+    with torch.inference_mode():
+        seg, cls = net(torch.randn(2, 1, 9, 13, 17))
+    assert seg.shape == (2, 3, 9, 13, 17) and cls is None
+
+
+@pytest.mark.parametrize("head_features", ["bottleneck", "decoder", "both"])
+def test_unet_classification_head_gives_one_logit_per_input(head_features: str) -> None:
+    net = UNet3D(out_channels=2, width=4, depth=3, classification_head=True,
+                 head_features=head_features).eval()
+    with torch.inference_mode():
+        seg, cls = net(torch.randn(3, 1, 8, 16, 16))
+    assert seg.shape == (3, 2, 8, 16, 16)
+    assert cls is not None and cls.shape == (3, 1)
+
+
+def test_unet_with_instance_norm_gives_each_window_the_same_output_in_any_batch() -> None:
+    """Sliding-window batching must not change results: no statistic is shared across the batch."""
+    net = UNet3D(out_channels=2, width=4, depth=3, classification_head=True).eval()
+    x = torch.randn(3, 1, 8, 16, 16)
+    with torch.inference_mode():
+        seg_batch, cls_batch = net(x)
+        seg_one, cls_one = net(x[1:2])
+    torch.testing.assert_close(seg_batch[1:2], seg_one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cls_batch[1:2], cls_one, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_and_fcn_can_be_scripted_with_identical_outputs() -> None:
+    x = torch.randn(1, 1, 8, 12, 12)
+    for net in (UNet3D(out_channels=3, width=4, depth=2, classification_head=True).eval(),
+                FCN3D(out_channels=3, channels=(4,), kernel_sizes=(3,), classification_head=True).eval()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scripted = torch.jit.script(net)
+        with torch.inference_mode():
+            assert all(torch.equal(a, b) for a, b in zip(net(x), scripted(x)))
+
+
+def test_the_spec_knows_exactly_the_networks_architectures() -> None:
+    assert set(ARCHITECTURES) == set(KNOWN_ARCHITECTURES)
+
+
+def test_build_network_passes_params_and_names_an_unknown_one() -> None:
+    net = build_network(ArchitectureSpec("unet3d", {"out_channels": 3, "width": 4, "depth": 2}))
+    assert isinstance(net, UNet3D) and net.seg_head.out_channels == 3
+    with pytest.raises(SpecError, match="unknown key architecture.params.widht"):
+        build_network(ArchitectureSpec("unet3d", {"widht": 4}))
+    with pytest.raises(SpecError, match="norm must be"):
+        build_network(ArchitectureSpec("unet3d", {"norm": "layer"}))
+    with pytest.raises(SpecError, match="unknown"):
+        build_network(ArchitectureSpec("resnet", {}))
+
+
+def test_split_outputs_accepts_tensor_tuple_and_mapping_forms() -> None:
+    seg = torch.zeros(2, 3, 4, 4, 4)
+    cls = torch.ones(2)
+    assert split_outputs(seg)[1] is None
+    assert split_outputs((seg,))[1] is None
+    assert split_outputs((seg, None))[1] is None
+    assert split_outputs([seg, cls])[1].shape == (2, 1)  # type: ignore[union-attr]
+    got_seg, got_cls = split_outputs({"seg_logits": seg, "cls_logit": cls[:, None]})
+    assert got_seg is seg and got_cls is not None and got_cls.shape == (2, 1)
+    with pytest.raises(TypeError, match="5-D"):
+        split_outputs(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(TypeError):
+        split_outputs("logits")
+
+
+def test_light_unet_is_small_enough_for_cpu_inference() -> None:
+    """The default model's scale (width 8, depth 4) stays well under a million parameters."""
+    net = UNet3D(out_channels=3, width=8, depth=4, classification_head=True)
+    assert sum(p.numel() for p in net.parameters()) < 1_000_000
+
+
+def chest_like_volume() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """24×64×64 HU volume: body, two lungs with a mediastinum, one nodule of radius 4 voxels."""
+    z, y, x = np.mgrid[:24, :64, :64]
+    hu = np.full((24, 64, 64), -1000.0, np.float32)
+    hu[((y - 32) / 30) ** 2 + ((x - 32) / 30) ** 2 < 1] = 40.0
+    lung = ((((y - 32) / 20) ** 2 + ((x - 17) / 10) ** 2 < 1)
+            | (((y - 32) / 20) ** 2 + ((x - 47) / 10) ** 2 < 1))
+    hu[lung] = -850.0
+    nodule = (z - 12) ** 2 + (y - 30) ** 2 + (x - 17) ** 2 < 16
+    hu[nodule] = 30.0
+    hu += np.random.default_rng(0).normal(0.0, 20.0, hu.shape).astype(np.float32)
+    return hu, lung & ~nodule, nodule
+
+
+def normalised(hu: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(((np.clip(hu, -1000, 400) + 1000) / 1400).astype(np.float32))[None, None]
+
+
+def test_tiny_model_labels_lung_and_nodule_and_flags_the_study() -> None:
+    hu, lung, nodule = chest_like_volume()
+    net = tiny_network()
+    with torch.inference_mode():
+        seg, cls = net(normalised(hu))
+    labels = seg[0].argmax(0).numpy()
+    assert cls is not None and float(cls) > 0
+    assert (labels[lung] == 1).mean() > 0.95
+    assert ((labels == 2) & nodule).sum() / nodule.sum() > 0.8
+    assert ((labels == 2) & ~nodule).sum() == 0
+
+    without = hu.copy()
+    without[nodule] = -850.0
+    with torch.inference_mode():
+        seg, cls = net(normalised(without))
+    assert (seg[0].argmax(0) == 2).sum() == 0 and float(cls) < 0  # type: ignore[arg-type]
+
+
+def test_tiny_model_is_deterministic_bit_for_bit() -> None:
+    hu, _, _ = chest_like_volume()
+    with torch.inference_mode():
+        a = tiny_network()(normalised(hu))
+        b = tiny_network()(normalised(hu))
+    assert all(torch.equal(p, q) for p, q in zip(a, b))

@@ -1,0 +1,216 @@
+"""The model manifest: strict parsing of model.toml and the routing decision `accepts`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.spec import (
+    DEFAULT_SR_SERIES_DESCRIPTION,
+    CodeSpec,
+    ModelSpec,
+    SegmentationType,
+    SeriesCandidate,
+    SeriesCriteriaSpec,
+    SpecError,
+    StepSpec,
+    StudyFindingSource,
+    WeightsFormat,
+    accepts,
+    load_spec,
+    parse_spec,
+)
+from tests.models.tiny_bundle import make_tiny_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("spec") / "tiny")
+
+
+@pytest.fixture
+def manifest(bundle: Path) -> dict[str, Any]:
+    with (bundle / "model.toml").open("rb") as f:
+        return tomllib.load(f)
+
+
+def parse(data: dict[str, Any], bundle: Path) -> ModelSpec:
+    return parse_spec(data, bundle_dir=bundle, source="model.toml")
+
+
+def test_tiny_manifest_parses_into_typed_records(bundle: Path) -> None:
+    spec = load_spec(bundle)
+    assert spec.name == "tiny_test_model" and spec.version == "1.0.0"
+    assert spec.family == CodeSpec("123110", "DCM", "Artificial Intelligence")
+    assert spec.architecture.name == "fcn3d"
+    assert spec.architecture.params["kernel_sizes"] == (1, 7)
+    assert spec.weights.format is WeightsFormat.STATE_DICT
+    assert spec.weights_path == bundle / "weights.pt"
+    assert spec.series.modality == ("CT",)
+    assert [step.op for step in spec.preprocess] == ["clip", "normalize"]
+    assert spec.preprocess[1].params["mode"] == "window"
+    assert spec.inference.patch_size_zyx == (16, 64, 64)
+    assert [label.value for label in spec.labels] == [1, 2]
+    lung, nodule = spec.labels
+    assert lung.type == CodeSpec("39607008", "SCT", "Lung")
+    assert lung.category == CodeSpec("91723000", "SCT", "Anatomical Structure")
+    assert nodule.type == CodeSpec("27925004", "SCT", "Nodule")
+    assert nodule.category == CodeSpec("49755003", "SCT", "Morphologically Abnormal Structure")
+    assert nodule.is_finding and nodule.finding_site == lung.type and nodule.min_size_mm3 == 10.0
+    assert spec.out_channels == 3
+    assert spec.segmentation.type is SegmentationType.BINARY
+    assert spec.study_finding is not None
+    assert spec.study_finding.source is StudyFindingSource.HEAD
+    assert spec.outputs.sr_series_description.endswith("NOT FOR DIAGNOSTIC USE")
+
+
+def test_load_spec_accepts_the_manifest_path_as_well_as_the_folder(bundle: Path) -> None:
+    assert load_spec(bundle / "model.toml") == load_spec(bundle)
+
+
+def test_step_params_are_read_only_and_arrays_become_tuples(manifest: dict[str, Any],
+                                                            bundle: Path) -> None:
+    manifest["preprocess"].insert(0, {"op": "resample", "spacing_mm": [2.5, 2.0, 2.0]})
+    step = parse(manifest, bundle).preprocess[0]
+    assert step == StepSpec("resample", {"spacing_mm": (2.5, 2.0, 2.0)})
+    with pytest.raises(TypeError):
+        step.params["spacing_mm"] = (1.0, 1.0, 1.0)  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        ((), "colour"),
+        (("series",), "slice_thickness"),
+        (("inference",), "stride"),
+        (("weights",), "md5"),
+        (("outputs",), "sr_title"),
+        (("study_finding",), "cutoff"),
+        (("family",), "version"),
+    ],
+)
+def test_unknown_key_is_rejected_with_its_dotted_name(manifest: dict[str, Any], bundle: Path,
+                                                      path: tuple[str, ...], key: str) -> None:
+    table = manifest
+    for part in path:
+        table = table[part]
+    table[key] = 1
+    dotted = ".".join((*path, key))
+    with pytest.raises(SpecError, match=rf"unknown key {dotted}\b"):
+        parse(manifest, bundle)
+
+
+def test_unknown_key_in_a_label_names_the_label(manifest: dict[str, Any], bundle: Path) -> None:
+    manifest["labels"][1]["colour"] = [1, 2, 3]
+    with pytest.raises(SpecError, match=r"unknown key labels\[1\]\.colour"):
+        parse(manifest, bundle)
+
+
+@pytest.mark.parametrize("key", ["name", "weights", "labels", "inference"])
+def test_missing_required_key_is_named(manifest: dict[str, Any], bundle: Path, key: str) -> None:
+    del manifest[key]
+    with pytest.raises(SpecError, match=rf"missing key {key}"):
+        parse(manifest, bundle)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda m: m["inference"].update(patch_size_zyx=[16, 64]), "inference.patch_size_zyx"),
+        (lambda m: m["inference"].update(overlap=1.0), "inference.overlap"),
+        (lambda m: m["inference"].update(batch_size=0), "inference.batch_size"),
+        (lambda m: m["labels"][0].update(color_rgb=[0, 0, 300]), r"labels\[0\]\.color_rgb"),
+        (lambda m: m["labels"][0].update(value=0), r"labels\[0\]\.value"),
+        (lambda m: m["labels"][1].update(value=1), "label values must be unique"),
+        (lambda m: m["labels"][0].update(threshold="high"), r"labels\[0\]\.threshold"),
+        (lambda m: m["weights"].update(sha256="abc"), "weights.sha256"),
+        (lambda m: m["weights"].update(format="onnx"), "weights.format"),
+        (lambda m: m["weights"].update(file="../elsewhere.pt"), "weights.file"),
+        (lambda m: m["architecture"].update(name="vit"), "architecture.name"),
+        (lambda m: m["architecture"]["params"].update(out_channels=4),
+         "architecture.params.out_channels"),
+        (lambda m: m["preprocess"].append({"op": "sharpen"}), r"preprocess\[2\]\.op"),
+        (lambda m: m["series"].update(series_description_regex="("), "series_description_regex"),
+        (lambda m: m["segmentation"].update(type="PROBABILITY"), "segmentation.type"),
+        (lambda m: m["study_finding"].update(source="vote"), "study_finding.source"),
+        (lambda m: m["outputs"].update(sr_series_description="x" * 65), "sr_series_description"),
+        (lambda m: m.update(name="no spaces allowed"), "name"),
+    ],
+)
+def test_invalid_value_is_rejected_naming_the_key(manifest: dict[str, Any], bundle: Path,
+                                                  mutate: Any, message: str) -> None:
+    mutate(manifest)
+    with pytest.raises(SpecError, match=message):
+        parse(manifest, bundle)
+
+
+def test_invalid_toml_and_missing_manifest_are_spec_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no model.toml"):
+        load_spec(tmp_path)
+    (tmp_path / "model.toml").write_text("name = [", encoding="utf-8")
+    with pytest.raises(SpecError, match="invalid TOML"):
+        load_spec(tmp_path)
+
+
+def test_optional_sections_take_documented_defaults(manifest: dict[str, Any], bundle: Path) -> None:
+    for key in ("outputs", "segmentation", "study_finding", "preprocess", "description"):
+        del manifest[key]
+    spec = parse(manifest, bundle)
+    assert spec.outputs.sr_series_description == DEFAULT_SR_SERIES_DESCRIPTION
+    assert DEFAULT_SR_SERIES_DESCRIPTION.endswith("NOT FOR DIAGNOSTIC USE")
+    assert spec.segmentation.type is SegmentationType.BINARY
+    assert spec.study_finding is None and spec.preprocess == () and spec.description == ""
+
+
+CHEST = SeriesCriteriaSpec(modality=("CT",), body_part=("CHEST",), min_slices=20,
+                           max_slice_thickness_mm=3.0, image_type_excludes=("LOCALIZER",),
+                           series_description_regex=r"thorax|chest|lung")
+GOOD = SeriesCandidate(modality="CT", body_part="CHEST", slice_count=120, slice_thickness_mm=1.25,
+                       image_type=("ORIGINAL", "PRIMARY", "AXIAL"), series_description="Thorax 1.25")
+
+
+@pytest.mark.parametrize(
+    ("changes", "accepted", "reason"),
+    [
+        ({}, True, "accepted"),
+        ({"modality": "MR"}, False, "modality MR"),
+        ({"modality": "ct"}, True, "accepted"),
+        ({"body_part": "HEAD"}, False, "body part HEAD"),
+        ({"body_part": ""}, True, "accepted"),
+        ({"slice_count": 19}, False, "19 slices"),
+        ({"slice_thickness_mm": 5.0}, False, "slice thickness 5 mm"),
+        ({"slice_thickness_mm": None}, True, "accepted"),
+        ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, False, "image type LOCALIZER"),
+        ({"series_description": "Abdomen venous"}, False, "series description"),
+        ({"series_description": "LUNG window"}, True, "accepted"),
+    ],
+)
+def test_accepts_decides_on_each_criterion_with_a_reason(changes: dict[str, Any], accepted: bool,
+                                                         reason: str) -> None:
+    fields = {name: getattr(GOOD, name) for name in GOOD.__slots__}
+    fields.update(changes)
+    ok, why = accepts(CHEST, SeriesCandidate(**fields))
+    assert ok is accepted
+    assert why.startswith(reason)
+
+
+def test_model_spec_accepts_uses_its_series_criteria(bundle: Path) -> None:
+    spec = load_spec(bundle)
+    assert spec.accepts(SeriesCandidate(modality="CT", slice_count=24)) == (True, "accepted")
+    assert spec.accepts(SeriesCandidate(modality="CT", slice_count=3))[0] is False
+
+
+def test_manifest_and_routing_do_not_import_torch() -> None:
+    """The receiver routes with models.spec/registry and must never load torch (ARCHITECTURE.md)."""
+    code = ("import sys, models.spec, models.registry; "
+            "sys.exit(1 if 'torch' in sys.modules or 'numpy' in sys.modules else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
