@@ -1,0 +1,1282 @@
+"""Seeded synthetic chest CT phantoms with ground-truth label maps (issue 4, item 1).
+
+The generator builds a supine adult chest in patient coordinates (DICOM LPS, millimetres) from a
+frozen `PhantomParams` record, samples it on a CT grid with slice-thickness partial volume, in-plane
+point-spread blur and CT-like correlated noise, and returns a `Phantom`: HU ``[k, j, i]`` (int16),
+labels ``[k, j, i]`` (uint8) and the truth of every nodule. The same seed always gives the same
+arrays. It feeds the tests, the demo, training, evaluation and the benchmarks; the DICOM writer lives
+in `models.phantom_dicom`. This module must not import torch, pydicom networking or anything of
+`node`/`pipeline` (layers run one way: pipeline → models).
+
+Grid conventions are those of `pipeline.types`: array ``[k, j, i]``, k along +z (inferior → superior,
+slice normal (0, 0, 1)), j along +y (anterior → posterior, Image Orientation column cosine (0, 1, 0)),
+i along +x (patient right → left, row cosine (1, 0, 0)); ``spacing_mm`` in array order (slice, row,
+column); ``affine_lps`` maps (i, j, k, 1) to LPS mm.
+
+Label map (``labels_zyx``):
+
+- 0 — background: air, table, body wall, mediastinum, heart, great vessels, hilar vessel roots,
+  trachea and main bronchi, abdomen.
+- 1 — lung: the lung region as a radiologist would segment it (parenchyma with the intrapulmonary
+  vessels and the segmental bronchi inside it); the trachea, the main bronchi and the hilar roots of
+  the vessel trees are excluded.
+- 2 — nodule (always inside the lung region: a nodule touching the pleura is clipped by it). The lung
+  region is ``labels_zyx >= 1``.
+
+A voxel carries the label that covers at least half of it after slice-thickness averaging (majority of
+the sub-slices), so the labels agree with the partial-volume image.
+
+Nodules: solid (about −10..60 HU), part-solid (a solid core with a ground-glass halo) and ground-glass
+(about −650..−300 HU), 3–30 mm, ellipsoidal and lobulated (a random sum of zonal cosine harmonics on
+the surface), free in the parenchyma, touching the pleura or attached to a vessel. Some studies have
+none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+NoduleKind = Literal["solid", "part_solid", "ground_glass"]
+NoduleAttachment = Literal["none", "pleura", "vessel"]
+
+NODULE_KINDS: tuple[str, ...] = ("solid", "part_solid", "ground_glass")
+NODULE_ATTACHMENTS: tuple[str, ...] = ("none", "pleura", "vessel")
+
+LABEL_BACKGROUND = 0
+LABEL_LUNG = 1
+LABEL_NODULE = 2
+
+#: Values of ``Phantom.structures_zyx`` (finer anatomy, for realism checks and curious users).
+STRUCTURES: dict[int, str] = {
+    0: "air",
+    1: "table",
+    2: "skin",
+    3: "fat",
+    4: "muscle",
+    5: "bone",
+    6: "lung",
+    7: "vessel",
+    8: "airway",
+    9: "heart",
+    10: "mediastinum",
+    11: "great_vessel",
+    12: "abdomen",
+    13: "nodule",
+    14: "central_airway",
+}
+_S = {name: value for value, name in STRUCTURES.items()}
+
+AIR_HU = -1000.0
+MIN_HU = -1024
+MAX_HU = 3071
+
+#: Above this many fine voxels a volume is built in slabs (bounded memory).
+_SLAB_PLANES = 8
+#: Sub-slices per reconstructed slice: one per this many millimetres of slice thickness.
+_SUBSLICE_MM = 1.25
+
+
+class PhantomError(ValueError):
+    """An argument of the generator or the writer is unusable; the message names it and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class NoduleSpec:
+    """One nodule to draw, in patient coordinates.
+
+    ``center_lps_mm`` is the centre in LPS mm; ``diameter_mm`` the nominal diameter (twice the mean
+    radius before lobulation); ``axes`` the ellipsoid's relative semi-axes (mean 1);
+    ``rotation`` a 3×3 rotation (row-major) of the ellipsoid frame into LPS; ``lobes`` a tuple of
+    (amplitude, order, axis_x, axis_y, axis_z, phase) zonal harmonics perturbing the surface radius;
+    ``hu`` the solid (or ground-glass) attenuation; ``core_fraction`` and ``core_hu`` the solid core of a
+    part-solid nodule (0 for the other kinds).
+    """
+
+    center_lps_mm: tuple[float, float, float]
+    diameter_mm: float
+    kind: str
+    attached: str
+    axes: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    rotation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    lobes: tuple[tuple[float, float, float, float, float, float], ...] = ()
+    hu: float = 30.0
+    core_fraction: float = 0.0
+    core_hu: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class PhantomParams:
+    """Everything that decides a phantom; `sample_phantom_params` draws it from a seed.
+
+    Sampling ranges (``sample_phantom_params`` without overrides):
+
+    Grid
+        ``pixel_spacing_mm`` 0.5–1.0 mm (512 matrix fitted to the body), ``slice_thickness_mm``
+        0.625–5 mm, ``slice_spacing_mm`` equal to the thickness or overlapping (0.5–0.8×);
+        ``origin_lps_mm`` the LPS position of voxel (0, 0, 0); the field of view is shape × spacing.
+    Patient
+        ``body_half_width_mm`` 130–195, ``body_half_depth_mm`` 0.62–0.82 of the width,
+        ``lung_height_mm`` 180–290, fat 4–40 mm, muscle 6–20 mm, roll ±6°, centre offsets ±25 mm
+        (left–right) and ±20 mm (anterior–posterior) from the field-of-view centre.
+    Intensities (HU)
+        lung −880..−810 with a posterior (dependent) gradient 0–70, fat −115..−85, muscle 35–60,
+        blood 35–50 without contrast or 120–320 with (35 % of studies), liver 50–70, trabecular
+        bone 180–320 with a 500–900 cortex.
+    Image quality
+        ``noise_sigma_hu`` 10–40 (the standard deviation of the noise in the image),
+        ``blur_sigma_mm`` 0.35–0.9 (Gaussian point-spread function, in plane),
+        partial volume from the slice thickness (sub-slices averaged).
+    Nodules
+        0–``max_nodules`` (a quarter of the studies have none), 3–30 mm log-uniform, kinds solid
+        60 %, part-solid 20 %, ground-glass 20 %, attachment none 60 %, pleura 25 %, vessel 15 %.
+    """
+
+    seed: int
+    shape_zyx: tuple[int, int, int]
+    pixel_spacing_mm: float
+    slice_spacing_mm: float
+    slice_thickness_mm: float
+    origin_lps_mm: tuple[float, float, float]
+    # patient (centre of the body's cross-section, lung base height)
+    center_x_mm: float
+    center_y_mm: float
+    roll_deg: float
+    body_half_width_mm: float
+    body_half_depth_mm: float
+    skin_mm: float
+    fat_mm: float
+    muscle_mm: float
+    wall_mm: float
+    lung_base_z_mm: float
+    lung_height_mm: float
+    left_dome_drop_mm: float
+    dome_depth_mm: float
+    mediastinum_half_width_mm: float
+    mediastinum_shift_mm: float
+    heart_axes_mm: tuple[float, float, float]
+    heart_shift_mm: float
+    heart_angle_deg: float
+    aorta_radius_mm: float
+    trachea_radius_mm: float
+    vertebra_radius_mm: float
+    rib_pitch_mm: float
+    table: bool
+    table_gap_mm: float
+    patient_sex: str
+    # intensities (HU)
+    lung_hu: float
+    lung_gradient_hu: float
+    fat_hu: float
+    muscle_hu: float
+    skin_hu: float
+    blood_hu: float
+    myocardium_hu: float
+    liver_hu: float
+    bone_hu: float
+    cortex_hu: float
+    contrast: bool
+    # image quality
+    noise_sigma_hu: float
+    blur_sigma_mm: float
+    # vessel trees (attractor points per tree: ~2x segments)
+    vessel_points: int
+    nodules: tuple[NoduleSpec, ...] = ()
+    kvp: float = 120.0
+    tube_current_ma: float = 200.0
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """Voxel size in array order (slice spacing, row, column) in mm."""
+        return (self.slice_spacing_mm, self.pixel_spacing_mm, self.pixel_spacing_mm)
+
+    @property
+    def affine_lps(self) -> NDArray[np.float64]:
+        """4×4 affine from (i, j, k, 1) to LPS mm (axial, identity direction cosines)."""
+        affine = np.eye(4)
+        affine[0, 0] = self.pixel_spacing_mm
+        affine[1, 1] = self.pixel_spacing_mm
+        affine[2, 2] = self.slice_spacing_mm
+        affine[:3, 3] = self.origin_lps_mm
+        return affine
+
+    def digest(self) -> str:
+        """A stable hex digest of every parameter (for deterministic UIDs)."""
+        return hashlib.sha256(repr(self).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class NoduleTruth:
+    """Ground truth of one drawn nodule.
+
+    ``center_zyx_vox`` fractional voxel index (k, j, i) of the nominal centre; ``center_lps_mm`` the
+    same point in LPS mm; ``diameter_mm`` the nominal diameter (see `NoduleSpec`); ``volume_ml`` and
+    ``voxel_count`` measured on ``labels_zyx`` (label 2 voxels whose ``nodule_ids_zyx`` is ``index``);
+    ``index`` is the 1-based value of the nodule in ``Phantom.nodule_ids_zyx``.
+    """
+
+    center_zyx_vox: tuple[float, float, float]
+    center_lps_mm: tuple[float, float, float]
+    diameter_mm: float
+    kind: str
+    attached: str
+    index: int
+    voxel_count: int
+    volume_ml: float
+    hu: float
+
+
+@dataclass(frozen=True, slots=True)
+class Phantom:
+    """A generated chest CT: HU and labels ``[k, j, i]`` with their geometry and the nodules' truth.
+
+    ``hu_zyx`` int16 HU (−1024..3071); ``labels_zyx`` uint8 (0 background, 1 lung, 2 nodule);
+    ``nodule_ids_zyx`` uint8 (0, or the 1-based index of the nodule); ``structures_zyx`` uint8 finer
+    anatomy (`STRUCTURES`); ``spacing_mm`` (slice spacing, row, column) mm; ``affine_lps`` as in
+    `pipeline.types`.
+    """
+
+    hu_zyx: NDArray[np.int16]
+    labels_zyx: NDArray[np.uint8]
+    spacing_mm: tuple[float, float, float]
+    nodules: tuple[NoduleTruth, ...]
+    params: PhantomParams
+    seed: int
+    affine_lps: NDArray[np.float64]
+    nodule_ids_zyx: NDArray[np.uint8]
+    structures_zyx: NDArray[np.uint8]
+    slice_thickness_mm: float
+    seconds: float = field(default=0.0, compare=False)
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.hu_zyx.shape)  # type: ignore[return-value]
+
+    @property
+    def origin_lps_mm(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in self.affine_lps[:3, 3])  # type: ignore[return-value]
+
+    @property
+    def lung_zyx(self) -> NDArray[np.bool_]:
+        """The lung region (lung or nodule label)."""
+        return self.labels_zyx >= LABEL_LUNG
+
+    @property
+    def nodule_zyx(self) -> NDArray[np.bool_]:
+        return self.labels_zyx == LABEL_NODULE
+
+    def index_to_lps(self, kji: Any) -> NDArray[np.float64]:
+        """Voxel indices ``(..., 3)`` in array order (k, j, i) → LPS mm ``(..., 3)``."""
+        kji = np.asarray(kji, dtype=np.float64)
+        return kji[..., ::-1] @ self.affine_lps[:3, :3].T + self.affine_lps[:3, 3]
+
+
+# ----------------------------------------------------------------------------------------- sampling
+
+
+def _rng(seed: int, *tags: str) -> np.random.Generator:
+    """An independent, reproducible stream per purpose (adding a draw never shifts the others)."""
+    key = hashlib.sha256(":".join([str(int(seed)), *tags]).encode()).digest()
+    return np.random.default_rng(int.from_bytes(key[:16], "little"))
+
+
+_THICKNESS_CHOICES = (0.625, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
+_THICKNESS_WEIGHTS = (0.12, 0.08, 0.2, 0.12, 0.08, 0.1, 0.12, 0.08, 0.1)
+
+
+def sample_phantom_params(
+    seed: int,
+    *,
+    shape_zyx: tuple[int, int, int] | None = None,
+    spacing_mm: tuple[float, float, float] | None = None,
+    slice_thickness_mm: float | None = None,
+    nodules: int | None = None,
+    max_nodules: int = 5,
+    nodule_kinds: Sequence[str] | None = None,
+    nodule_attachments: Sequence[str] | None = None,
+    nodule_diameter_mm: tuple[float, float] = (3.0, 30.0),
+    noise_sigma_hu: float | None = None,
+    blur_sigma_mm: float | None = None,
+    contrast: bool | None = None,
+    max_slices: int = 320,
+) -> PhantomParams:
+    """Draw a phantom's parameters from ``seed`` (see `PhantomParams` for the ranges).
+
+    Parameters
+    ----------
+    seed
+        Any integer; equal seeds and arguments give equal parameters.
+    shape_zyx
+        Grid (slices, rows, columns). Without ``spacing_mm`` the spacing is chosen so that the field
+        of view holds the body and the slices cover the lungs with a margin.
+    spacing_mm
+        Voxel size (slice spacing, row, column) in mm; rows and columns must be equal. Without
+        ``shape_zyx`` the grid is sized to the body and lungs (a 512 matrix when neither is given).
+    slice_thickness_mm
+        Reconstructed slice thickness (default: the slice spacing, sometimes larger = overlapping).
+    nodules
+        Exact number of nodules to place (default: 0–``max_nodules``, none in a quarter of studies).
+        Fewer are placed when the lungs in the field of view cannot hold them.
+    nodule_kinds, nodule_attachments
+        Allowed kinds / attachments, drawn uniformly among those given (default: weighted, all).
+    nodule_diameter_mm
+        (min, max) nominal diameter in mm, drawn log-uniformly.
+    noise_sigma_hu, blur_sigma_mm, contrast
+        Fix the image noise (HU), the in-plane Gaussian blur (mm) or the contrast phase.
+    max_slices
+        Cap on the slice count of an automatically sized grid.
+
+    Raises
+    ------
+    PhantomError
+        An argument is out of range (the message names it).
+    """
+    rng = _rng(seed, "params")
+    if shape_zyx is not None and (len(shape_zyx) != 3 or min(shape_zyx) < 1):
+        raise PhantomError(f"shape_zyx must be three positive ints, got {shape_zyx!r}")
+    if spacing_mm is not None:
+        if len(spacing_mm) != 3 or min(spacing_mm) <= 0:
+            raise PhantomError(f"spacing_mm must be three positive mm values, got {spacing_mm!r}")
+        if not math.isclose(spacing_mm[1], spacing_mm[2], rel_tol=1e-6):
+            raise PhantomError("spacing_mm rows and columns must be equal (square pixels)")
+    lo_d, hi_d = nodule_diameter_mm
+    if not (0.5 <= lo_d <= hi_d <= 80):
+        raise PhantomError(f"nodule_diameter_mm must satisfy 0.5 <= min <= max <= 80, got {nodule_diameter_mm!r}")
+    for name, given, allowed in (
+        ("nodule_kinds", nodule_kinds, NODULE_KINDS),
+        ("nodule_attachments", nodule_attachments, NODULE_ATTACHMENTS),
+    ):
+        if given is not None and (not given or any(g not in allowed for g in given)):
+            raise PhantomError(f"{name} must be a non-empty subset of {allowed}, got {given!r}")
+
+    # --- patient
+    sex = "M" if rng.random() < 0.55 else "F"
+    half_width = float(rng.uniform(130, 195)) * (1.0 if sex == "M" else 0.94)
+    half_depth = half_width * float(rng.uniform(0.62, 0.82))
+    lung_height = float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.2)) * (170 + 0.45 * half_width)
+    fat = float(rng.uniform(4, 40)) * (1.15 if sex == "F" else 1.0)
+    muscle = float(rng.uniform(6, 20))
+    skin = float(rng.uniform(1.5, 2.5))
+    wall = float(rng.uniform(10, 15))
+    coverage_margin = float(rng.uniform(15, 70))
+    coverage = lung_height + 30 + coverage_margin  # lungs (incl. recesses) + margins
+
+    # --- grid
+    fov_needed = 2 * half_width * float(rng.uniform(1.06, 1.3))
+    if spacing_mm is None:
+        if shape_zyx is None:
+            dx = float(np.clip(fov_needed / 512, 0.5, 1.0))
+            thickness = float(rng.choice(_THICKNESS_CHOICES, p=_THICKNESS_WEIGHTS))
+            dz = thickness * float(rng.choice([1.0, 1.0, 1.0, 0.5, 0.8]))
+            nz = int(min(max_slices, math.ceil(coverage / dz)))
+            shape = (nz, 512, 512)
+        else:
+            dx = fov_needed / max(shape_zyx[1], shape_zyx[2])
+            dz = coverage / shape_zyx[0]
+            thickness = dz * float(rng.choice([1.0, 1.0, 1.25]))
+            shape = tuple(int(n) for n in shape_zyx)  # type: ignore[assignment]
+    else:
+        dz, dx = float(spacing_mm[0]), float(spacing_mm[1])
+        thickness = dz * float(rng.choice([1.0, 1.0, 1.25]))
+        if shape_zyx is None:
+            n_xy = int(math.ceil(fov_needed / dx / 8.0) * 8)
+            shape = (int(math.ceil(coverage / dz)), n_xy, n_xy)
+        else:
+            shape = tuple(int(n) for n in shape_zyx)  # type: ignore[assignment]
+    if slice_thickness_mm is not None:
+        if not (0.1 <= slice_thickness_mm <= 20):
+            raise PhantomError(f"slice_thickness_mm must be within 0.1–20 mm, got {slice_thickness_mm}")
+        thickness = float(slice_thickness_mm)
+    nz, ny, nx = shape
+
+    # Scanner frame: field-of-view centre near the isocentre; z positions are arbitrary table values.
+    fov_center_x = float(rng.uniform(-15, 15))
+    fov_center_y = float(rng.uniform(-20, 20))
+    center_x = fov_center_x + float(rng.uniform(-25, 25))
+    center_y = fov_center_y + float(rng.uniform(-20, 20))
+    lung_base_z = float(rng.uniform(-450, 50))
+    # Slices centred on the lungs (recesses reach ~45 mm under the domes), with a random shift.
+    lung_mid = lung_base_z + (lung_height - 45) / 2
+    z_extent = (nz - 1) * dz
+    z0 = lung_mid - z_extent / 2 + float(rng.uniform(-0.08, 0.08)) * min(z_extent, coverage)
+    origin = (
+        fov_center_x - (nx - 1) * dx / 2,
+        fov_center_y - (ny - 1) * dx / 2,
+        z0,
+    )
+
+    contrast_on = bool(rng.random() < 0.35) if contrast is None else bool(contrast)
+    blood = float(rng.uniform(120, 320)) if contrast_on else float(rng.uniform(35, 50))
+    params = PhantomParams(
+        seed=int(seed),
+        shape_zyx=(int(nz), int(ny), int(nx)),
+        pixel_spacing_mm=round(dx, 6),
+        slice_spacing_mm=round(dz, 6),
+        slice_thickness_mm=round(thickness, 6),
+        origin_lps_mm=tuple(round(v, 4) for v in origin),  # type: ignore[arg-type]
+        center_x_mm=center_x,
+        center_y_mm=center_y,
+        roll_deg=float(rng.uniform(-6, 6)),
+        body_half_width_mm=half_width,
+        body_half_depth_mm=half_depth,
+        skin_mm=skin,
+        fat_mm=fat,
+        muscle_mm=muscle,
+        wall_mm=wall,
+        lung_base_z_mm=lung_base_z,
+        lung_height_mm=lung_height,
+        left_dome_drop_mm=float(rng.uniform(5, 25)),
+        dome_depth_mm=float(rng.uniform(35, 60)),
+        mediastinum_half_width_mm=float(rng.uniform(0.10, 0.15)) * half_width,
+        mediastinum_shift_mm=float(rng.uniform(-8, 8)),
+        heart_axes_mm=(
+            float(rng.uniform(0.32, 0.42)) * half_width,
+            float(rng.uniform(0.40, 0.50)) * half_depth,
+            float(rng.uniform(0.18, 0.24)) * lung_height,
+        ),
+        heart_shift_mm=float(rng.uniform(0.08, 0.16)) * half_width,
+        heart_angle_deg=float(rng.uniform(25, 50)),
+        aorta_radius_mm=float(rng.uniform(11, 16)),
+        trachea_radius_mm=float(rng.uniform(7, 10)),
+        vertebra_radius_mm=float(rng.uniform(15, 21)),
+        rib_pitch_mm=float(rng.uniform(0.1, 0.125)) * lung_height + 2,
+        table=bool(rng.random() < 0.9),
+        table_gap_mm=float(rng.uniform(0, 12)),
+        patient_sex=sex,
+        lung_hu=float(rng.uniform(-880, -810)),
+        lung_gradient_hu=float(rng.uniform(0, 70)),
+        fat_hu=float(rng.uniform(-115, -85)),
+        muscle_hu=float(rng.uniform(35, 60)),
+        skin_hu=float(rng.uniform(20, 60)),
+        blood_hu=blood,
+        myocardium_hu=float(rng.uniform(90, 130)) if contrast_on else float(rng.uniform(38, 50)),
+        liver_hu=float(rng.uniform(90, 130)) if contrast_on else float(rng.uniform(50, 70)),
+        bone_hu=float(rng.uniform(180, 320)),
+        cortex_hu=float(rng.uniform(500, 900)),
+        contrast=contrast_on,
+        noise_sigma_hu=float(rng.uniform(10, 40)) if noise_sigma_hu is None else float(noise_sigma_hu),
+        blur_sigma_mm=float(rng.uniform(0.35, 0.9)) if blur_sigma_mm is None else float(blur_sigma_mm),
+        vessel_points=int(rng.integers(160, 320)),
+        kvp=float(rng.choice([100.0, 120.0, 120.0, 140.0])),
+        tube_current_ma=float(rng.uniform(60, 350)),
+    )
+    if params.noise_sigma_hu < 0 or params.blur_sigma_mm < 0:
+        raise PhantomError("noise_sigma_hu and blur_sigma_mm must be >= 0")
+
+    n_rng = _rng(seed, "nodule-count")
+    if nodules is None:
+        count = 0 if n_rng.random() < 0.25 else int(n_rng.integers(1, max_nodules + 1))
+    else:
+        if nodules < 0:
+            raise PhantomError(f"nodules must be >= 0, got {nodules}")
+        count = int(nodules)
+    specs = _place_nodules(params, count, nodule_kinds, nodule_attachments, (lo_d, hi_d))
+    return replace(params, nodules=specs)
+
+
+# ------------------------------------------------------------------------------------------ anatomy
+
+
+class _Anatomy:
+    """Derived constants of a `PhantomParams` and the analytic tests on patient coordinates.
+
+    Every function takes LPS coordinate arrays ``x, y, z`` that broadcast against each other.
+    """
+
+    def __init__(self, p: PhantomParams) -> None:
+        self.p = p
+        self.cx, self.cy = p.center_x_mm, p.center_y_mm
+        roll = math.radians(p.roll_deg)
+        self.cos_r, self.sin_r = math.cos(roll), math.sin(roll)
+        self.A, self.B = p.body_half_width_mm, p.body_half_depth_mm
+        self.Be = self.B / 0.9  # ellipse half-depth before the flat back is cut at v = B
+        self.zb, self.H = p.lung_base_z_mm, p.lung_height_mm
+        self.d_cav = p.skin_mm + p.fat_mm + p.muscle_mm + p.wall_mm
+        self.mc = p.mediastinum_shift_mm
+        self.mw = p.mediastinum_half_width_mm
+        # Spine: vertebral body centre (body frame v), posterior elements behind it.
+        post_wall = p.skin_mm + p.fat_mm * 0.8 + p.muscle_mm * 1.8 + 30.0
+        self.v_vb = self.B - post_wall - p.vertebra_radius_mm
+        self.r_vb = p.vertebra_radius_mm
+        # Heart (body frame): anterior-left, resting on the diaphragm.
+        ha, hb, hc = p.heart_axes_mm
+        self.heart_axes = (ha, hb, hc)
+        self.heart_c = (
+            self.mc + p.heart_shift_mm,
+            -0.18 * self.B,
+            self.zb + 0.55 * hc - 10.0,
+        )
+        ang = math.radians(p.heart_angle_deg)
+        self.heart_cos, self.heart_sin = math.cos(ang), math.sin(ang)
+        # Aorta: descending beside the spine (left-anterior of the vertebral body).
+        self.r_ao = p.aorta_radius_mm
+        self.desc = (self.mc + 0.55 * self.r_vb + 0.75 * self.r_ao, self.v_vb - 0.75 * self.r_vb)
+        self.asc = (self.mc - 0.35 * self.mw, -0.28 * self.B)
+        self.z_arch = self.zb + 0.78 * self.H
+        self.z_carina = self.zb + 0.62 * self.H
+        self.z_top = self.zb + self.H  # apex of the right lung
+        self.trachea = (self.mc, self.v_vb - self.r_vb - p.trachea_radius_mm - 14.0)
+
+    # --- frames
+    def body_uv(self, x: Any, y: Any) -> tuple[Any, Any]:
+        """LPS x, y → body frame (u right→left, v anterior→posterior), rolled about the z axis."""
+        dx = x - self.cx
+        dy = y - self.cy
+        return dx * self.cos_r + dy * self.sin_r, -dx * self.sin_r + dy * self.cos_r
+
+    def body_to_lps(self, u: float, v: float, z: float) -> NDArray[np.float64]:
+        x = self.cx + u * self.cos_r - v * self.sin_r
+        y = self.cy + u * self.sin_r + v * self.cos_r
+        return np.array([x, y, z])
+
+    def size_at(self, z: Any) -> tuple[Any, Any]:
+        """Half width and ellipse half depth of the body at height ``z`` (narrower above the apex)."""
+        s = (np.asarray(z, dtype=np.float32) - self.zb) / self.H
+        taper = 1.0 - 0.10 * _smoothstep(0.95, 1.35, s) + 0.03 * np.sin(2.0 * s + self.p.seed % 7)
+        return self.A * taper, self.Be * taper
+
+    def depth(self, u: Any, v: Any, z: Any) -> Any:
+        """Approximate depth below the skin in mm (negative outside the body)."""
+        A, Be = self.size_at(z)
+        r = np.sqrt(u * u + v * v) + np.float32(1e-3)
+        rho = np.sqrt((u / A) ** 2 + (v / Be) ** 2) + np.float32(1e-6)
+        d = r / rho - r
+        return np.minimum(d, self.B - v)
+
+    def cavity_depth(self, u: Any, v: Any) -> Any:
+        """Depth of the pleural cavity's wall below the skin (fat and muscle vary around the body)."""
+        r = np.sqrt(u * u + v * v) + np.float32(1e-3)
+        cu, cv = u / r, v / r
+        p = self.p
+        fat = p.fat_mm * (1.0 + 0.35 * cv + 0.25 * cu * cu)
+        muscle = p.muscle_mm * (1.0 + 1.2 * np.maximum(cv, 0.0) ** 2)
+        return p.skin_mm + fat + muscle + p.wall_mm
+
+    def diaphragm_z(self, u: Any, v: Any) -> Any:
+        """Height of the diaphragm under each lung: a dome per side, lower in the recesses."""
+        side_c = np.where(u < self.mc, self.mc - 0.5 * self.A, self.mc + 0.5 * self.A)
+        top = np.where(u < self.mc, self.zb, self.zb - self.p.left_dome_drop_mm)
+        q = ((u - side_c) / (0.55 * self.A)) ** 2 + ((v + 0.1 * self.B) / (0.9 * self.B)) ** 2
+        return top - self.p.dome_depth_mm * np.minimum(q, 1.4)
+
+    def heart_q(self, u: Any, v: Any, z: Any) -> Any:
+        """Normalised ellipsoid radius² of the heart (< 1 inside)."""
+        hx, hy, hz = self.heart_c
+        du, dv = u - hx, v - hy
+        a = du * self.heart_cos + dv * self.heart_sin
+        b = -du * self.heart_sin + dv * self.heart_cos
+        ha, hb, hc = self.heart_axes
+        return (a / ha) ** 2 + (b / hb) ** 2 + ((z - hz) / hc) ** 2
+
+    def mediastinum(self, u: Any, v: Any, z: Any) -> Any:
+        """The central compartment between the lungs (without the heart), as a boolean array."""
+        s = (z - self.zb) / self.H
+        width = self.mw * (1.0 + 0.5 * _smoothstep(0.55, 0.9, s)) * (1.0 - 0.35 * _smoothstep(-0.2, 0.3, v / self.B))
+        central = np.abs(u - self.mc) < width
+        desc = (u - self.desc[0]) ** 2 + (v - self.desc[1]) ** 2 < (self.r_ao + 4.0) ** 2
+        spine = ((u - self.mc) ** 2 + (v - self.v_vb) ** 2 < (self.r_vb + 5.0) ** 2) | (
+            (np.abs(u - self.mc) < self.r_vb + 6.0) & (v > self.v_vb)
+        )
+        region = central | desc | spine
+        if np.any(np.abs(z - self.z_arch) < self.r_ao + 4.0):
+            d = _segment_distance_2d(u, v, self.asc, self.desc)
+            region = region | ((d**2 + (z - self.z_arch) ** 2) < (self.r_ao + 4.0) ** 2)
+        return region
+
+    def apex_ok(self, u: Any, v: Any, z: Any) -> Any:
+        """The lung apices: above 80 % of the height each lung narrows to a dome."""
+        s0 = 0.8
+        top = np.where(u < self.mc, self.z_top, self.z_top - 6.0)
+        t = np.clip((z - (self.zb + s0 * self.H)) / (top - (self.zb + s0 * self.H)), 0.0, 1.0)
+        shrink = np.sqrt(np.maximum(1.0 - t * t, 0.0))
+        side_c = np.where(u < self.mc, self.mc - 0.45 * self.A, self.mc + 0.45 * self.A)
+        q = ((u - side_c) / (0.42 * self.A)) ** 2 + ((v - 0.1 * self.B) / (0.65 * self.B)) ** 2
+        return (q < shrink**2) | (t <= 0.0)
+
+    def lung(self, x: Any, y: Any, z: Any) -> Any:
+        """Analytic lung region at LPS points (boolean array)."""
+        u, v = self.body_uv(x, y)
+        return self.lung_uv(u, v, z, self.depth(u, v, z))
+
+    def lung_uv(self, u: Any, v: Any, z: Any, depth: Any) -> Any:
+        inside = depth > self.cavity_depth(u, v)
+        inside &= z > self.diaphragm_z(u, v)
+        inside &= z < self.z_top
+        inside &= ~self.mediastinum(u, v, z)
+        inside &= self.heart_q(u, v, z) > 1.12**2
+        inside &= self.apex_ok(u, v, z)
+        return inside
+
+
+def _smoothstep(a: float, b: float, x: Any) -> Any:
+    t = np.clip((x - a) / (b - a), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _segment_distance_2d(u: Any, v: Any, a: tuple[float, float], b: tuple[float, float]) -> Any:
+    ab = (b[0] - a[0], b[1] - a[1])
+    den = ab[0] ** 2 + ab[1] ** 2
+    t = np.clip(((u - a[0]) * ab[0] + (v - a[1]) * ab[1]) / den, 0.0, 1.0)
+    return np.sqrt((u - a[0] - t * ab[0]) ** 2 + (v - a[1] - t * ab[1]) ** 2)
+
+
+# ------------------------------------------------------------------------------------- vessel trees
+
+
+@dataclass(frozen=True, slots=True)
+class _Tube:
+    a: tuple[float, float, float]  # LPS mm
+    b: tuple[float, float, float]
+    r0: float
+    r1: float
+    hu: float
+    structure: int
+    central: bool = False  # excluded from the lung label (hilar roots, main bronchi)
+    lumen: float = 0.0  # airway: lumen radius as a fraction of the outer radius (air inside)
+
+
+def _lung_points(anat: _Anatomy, rng: np.random.Generator, n: int, left: bool) -> NDArray[np.float64]:
+    """``n`` points uniformly inside one lung (LPS mm)."""
+    out: list[NDArray[np.float64]] = []
+    got = 0
+    u_lo, u_hi = (anat.mc, anat.mc + anat.A) if left else (anat.mc - anat.A, anat.mc)
+    for _ in range(20):
+        m = 4 * n
+        u = rng.uniform(u_lo, u_hi, m)
+        v = rng.uniform(-anat.B, anat.B, m)
+        z = rng.uniform(anat.zb - anat.p.dome_depth_mm * 1.4 - 30, anat.z_top, m)
+        ok = anat.lung_uv(u, v, z, anat.depth(u, v, z))
+        pts = np.stack([u[ok], v[ok], z[ok]], axis=1)
+        out.append(pts)
+        got += len(pts)
+        if got >= n:
+            break
+    uvz = np.concatenate(out)[:n]
+    x = anat.cx + uvz[:, 0] * anat.cos_r - uvz[:, 1] * anat.sin_r
+    y = anat.cy + uvz[:, 0] * anat.sin_r + uvz[:, 1] * anat.cos_r
+    return np.stack([x, y, uvz[:, 2]], axis=1)
+
+
+def _grow_tree(
+    root: NDArray[np.float64],
+    points: NDArray[np.float64],
+    r_root: float,
+    rng: np.random.Generator,
+) -> list[tuple[NDArray[np.float64], NDArray[np.float64], float, float, int]]:
+    """A space-filling bifurcating tree from ``root`` towards ``points`` (recursive bisection).
+
+    Each branch heads for the centroid of the points it supplies, stops part way and splits them by
+    the plane across their longest spread; radii follow Murray's law (r ∝ n^(1/3)). Returns segments
+    (start, end, r_start, r_end, generation).
+    """
+    segments: list[tuple[NDArray[np.float64], NDArray[np.float64], float, float, int]] = []
+    n_total = len(points)
+    stack = [(root, points, 0)]
+    while stack:
+        start, pts, gen = stack.pop()
+        n = len(pts)
+        r = max(r_root * (n / n_total) ** (1 / 3), 0.35)
+        if n == 1:
+            end = pts[0]
+            segments.append((start, end, r, 0.3, gen))
+            continue
+        centroid = pts.mean(axis=0)
+        frac = float(rng.uniform(0.35, 0.6)) if gen > 0 else 0.3
+        end = start + (centroid - start) * frac
+        r_end = r * 0.93
+        segments.append((start, end, r, r_end, gen))
+        spread = pts - centroid
+        axis = np.linalg.svd(spread, full_matrices=False)[2][0] if n > 2 else spread[0]
+        proj = spread @ axis
+        cut = np.median(proj) + rng.normal(0, 0.1) * proj.std()
+        lo, hi = pts[proj <= cut], pts[proj > cut]
+        if len(lo) == 0 or len(hi) == 0:
+            lo, hi = pts[: n // 2], pts[n // 2 :]
+        stack.append((end, lo, gen + 1))
+        stack.append((end, hi, gen + 1))
+    return segments
+
+
+def _trees(anat: _Anatomy) -> list[_Tube]:
+    """Vessel and airway tubes: great vessels, trachea and bronchi, pulmonary arteries and veins."""
+    p = anat.p
+    rng = _rng(p.seed, "trees")
+    tubes: list[_Tube] = []
+    L = anat.body_to_lps
+    blood = p.blood_hu
+    z_low = anat.zb - 200.0
+    z_high = anat.z_top + 200.0
+    # great vessels
+    desc_top = L(anat.desc[0], anat.desc[1], anat.z_arch)
+    asc_top = L(anat.asc[0], anat.asc[1], anat.z_arch)
+    hx, hy, hz = anat.heart_c
+    asc_root = L(anat.asc[0] + 5.0, anat.asc[1] + 10.0, hz + 0.3 * anat.heart_axes[2])
+    tubes.append(_Tube(tuple(desc_top), tuple(L(anat.desc[0], anat.desc[1], z_low)), anat.r_ao * 0.85, anat.r_ao * 0.75, blood, _S["great_vessel"], True))
+    tubes.append(_Tube(tuple(asc_top), tuple(desc_top), anat.r_ao, anat.r_ao * 0.9, blood, _S["great_vessel"], True))
+    tubes.append(_Tube(tuple(asc_root), tuple(asc_top), anat.r_ao * 1.05, anat.r_ao, blood, _S["great_vessel"], True))
+    svc = (anat.asc[0] - anat.r_ao - 9.0, anat.asc[1] + 6.0)
+    tubes.append(_Tube(tuple(L(svc[0], svc[1], z_high)), tuple(L(svc[0], svc[1], hz + 0.4 * anat.heart_axes[2])), 9.0, 10.0, blood, _S["great_vessel"], True))
+    # trachea and main bronchi
+    tx, ty = anat.trachea
+    carina = L(tx, ty, anat.z_carina)
+    tubes.append(_Tube(tuple(L(tx, ty, z_high)), tuple(carina), p.trachea_radius_mm, p.trachea_radius_mm, 30.0, _S["central_airway"], True, 0.82))
+    # pulmonary trunk → hila
+    trunk_root = L(hx + 0.2 * anat.heart_axes[0], hy - 0.4 * anat.heart_axes[1], hz + 0.6 * anat.heart_axes[2])
+    bif = L(anat.mc + 8.0, -0.08 * anat.B, anat.z_carina - 18.0)
+    tubes.append(_Tube(tuple(trunk_root), tuple(bif), 13.0, 12.0, blood, _S["great_vessel"], True))
+    for left in (False, True):
+        sign = 1.0 if left else -1.0
+        hil_u = anat.mc + sign * (anat.mw + 6.0)
+        art_hilum = L(hil_u, 0.02 * anat.B, anat.z_carina - (12.0 if left else 20.0))
+        vein_hilum = L(hil_u, 0.12 * anat.B, anat.z_carina - 50.0)
+        air_hilum = L(hil_u + sign * 4.0, 0.12 * anat.B - 12.0, anat.z_carina - (14.0 if left else 22.0))
+        tubes.append(_Tube(tuple(bif), tuple(art_hilum), 10.0, 9.0, blood, _S["great_vessel"], True))
+        la = L(hx - 0.1 * anat.heart_axes[0], hy + 0.75 * anat.heart_axes[1], hz + 0.25 * anat.heart_axes[2])
+        tubes.append(_Tube(tuple(vein_hilum), tuple(la), 8.0, 9.0, blood, _S["great_vessel"], True))
+        tubes.append(_Tube(tuple(carina), tuple(air_hilum), p.trachea_radius_mm * 0.8, p.trachea_radius_mm * 0.7, 30.0, _S["central_airway"], True, 0.8))
+        for kind, hilum, r_root in (("artery", art_hilum, 9.0), ("vein", vein_hilum, 8.0), ("airway", air_hilum, 6.5)):
+            n_pts = p.vessel_points if kind != "airway" else max(12, p.vessel_points // 8)
+            pts = _lung_points(anat, _rng(p.seed, "tree-points", kind, str(left)), n_pts, left)
+            if len(pts) < 2:
+                continue
+            for a, b, r0, r1, gen in _grow_tree(hilum, pts, r_root, rng):
+                if kind == "airway":
+                    if r0 < 1.2:
+                        continue
+                    tubes.append(_Tube(tuple(a), tuple(b), r0, max(r1, 1.0), 30.0, _S["airway"], gen == 0, 0.72))
+                else:
+                    tubes.append(_Tube(tuple(a), tuple(b), r0, r1, blood, _S["vessel"], gen == 0))
+    return tubes
+
+
+# ---------------------------------------------------------------------------------- nodule placement
+
+
+def _place_nodules(
+    p: PhantomParams,
+    count: int,
+    kinds: Sequence[str] | None,
+    attachments: Sequence[str] | None,
+    diameter_range: tuple[float, float],
+) -> tuple[NoduleSpec, ...]:
+    if count == 0:
+        return ()
+    anat = _Anatomy(p)
+    rng = _rng(p.seed, "nodules")
+    nz, ny, nx = p.shape_zyx
+    ox, oy, oz = p.origin_lps_mm
+    lo = np.array([ox, oy, oz])
+    hi = lo + np.array([(nx - 1) * p.pixel_spacing_mm, (ny - 1) * p.pixel_spacing_mm, (nz - 1) * p.slice_spacing_mm])
+    # Unit directions for the distance-to-pleura probe.
+    golden = np.pi * (3 - np.sqrt(5))
+    n_dir = 40
+    idx = np.arange(n_dir) + 0.5
+    zz = 1 - 2 * idx / n_dir
+    rr = np.sqrt(1 - zz * zz)
+    dirs = np.stack([rr * np.cos(golden * idx), rr * np.sin(golden * idx), zz], axis=1)
+    steps = np.arange(0.5, 41.0, 1.0)
+    probe = dirs[:, None, :] * steps[None, :, None]  # (dir, step, 3)
+    tubes: list[_Tube] | None = None
+    placed: list[NoduleSpec] = []
+    for n_i in range(count):
+        kind = str(rng.choice(kinds) if kinds else rng.choice(NODULE_KINDS, p=(0.6, 0.2, 0.2)))
+        attached = str(rng.choice(attachments) if attachments else rng.choice(NODULE_ATTACHMENTS, p=(0.6, 0.25, 0.15)))
+        lo_d, hi_d = diameter_range
+        if kind == "ground_glass":
+            lo_d = min(max(lo_d, 5.0), hi_d)
+        diameter = float(math.exp(rng.uniform(math.log(lo_d), math.log(hi_d))))
+        radius = diameter / 2
+        # Candidate centres inside the lungs and the scanned box; keep the ones that fit.
+        margin = np.array([radius * 0.5, radius * 0.5, min(radius * 0.5, 0.45 * (hi[2] - lo[2]))])
+        cands = rng.uniform(lo + margin, np.maximum(hi - margin, lo + margin + 1e-3), size=(600, 3))
+        ok = anat.lung(cands[:, 0], cands[:, 1], cands[:, 2])
+        cands = cands[ok]
+        if attached == "vessel":
+            if tubes is None:
+                tubes = [t for t in _trees(anat) if t.structure == _S["vessel"] and not t.central]
+            sel = [t for t in tubes if 0.8 <= t.r1 <= 4.0]
+            if sel:
+                picks = rng.integers(0, len(sel), 300)
+                vc = []
+                for pick in picks:
+                    t = sel[int(pick)]
+                    a, b = np.array(t.a), np.array(t.b)
+                    along = a + (b - a) * rng.uniform(0.2, 0.8)
+                    ax = (b - a) / (np.linalg.norm(b - a) + 1e-9)
+                    perp = np.cross(ax, rng.normal(size=3))
+                    perp /= np.linalg.norm(perp) + 1e-9
+                    vc.append(along + perp * (radius * 0.9 + t.r1 * 0.3))
+                cands = np.array(vc)
+                inside_box = np.all((cands >= lo + margin) & (cands <= hi - margin), axis=1)
+                cands = cands[inside_box & anat.lung(cands[:, 0], cands[:, 1], cands[:, 2])]
+            else:
+                attached = "none"
+        if len(cands) == 0:
+            continue
+        cands = cands[:200]
+        pts = cands[:, None, None, :] + probe[None]  # (cand, dir, step, 3)
+        inside = anat.lung(pts[..., 0], pts[..., 1], pts[..., 2])
+        first_out = np.where(inside.all(axis=2), steps[-1] + 1, steps[np.argmin(inside, axis=2)])
+        dist = first_out.min(axis=1)  # mm to the nearest lung boundary (1 mm steps)
+        if attached == "pleura":
+            good = (dist >= 0.45 * radius) & (dist <= 0.85 * radius + 0.5)
+        else:
+            good = dist >= radius + 1.5
+        for other in placed:
+            gap = np.linalg.norm(cands - np.array(other.center_lps_mm), axis=1)
+            good &= gap > radius + other.diameter_mm / 2 + 3.0
+        if not good.any():
+            if attached != "pleura" and len(cands):
+                continue
+            continue
+        center = cands[int(np.argmax(good))]
+        axes = np.exp(rng.normal(0, 0.12, 3))
+        axes /= axes.prod() ** (1 / 3)
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        lobes = []
+        for _ in range(int(rng.integers(0, 5))):
+            axis = rng.normal(size=3)
+            axis /= np.linalg.norm(axis)
+            lobes.append((float(rng.uniform(0.03, 0.12)), float(rng.integers(2, 7)), *map(float, axis), float(rng.uniform(0, np.pi))))
+        if kind == "solid":
+            hu, core_f, core_hu = float(rng.uniform(-10, 60)), 0.0, 0.0
+        elif kind == "part_solid":
+            hu, core_f, core_hu = float(rng.uniform(-620, -380)), float(rng.uniform(0.35, 0.65)), float(rng.uniform(-10, 50))
+        else:
+            hu, core_f, core_hu = float(rng.uniform(-650, -320)), 0.0, 0.0
+        placed.append(
+            NoduleSpec(
+                center_lps_mm=tuple(float(c) for c in center),  # type: ignore[arg-type]
+                diameter_mm=diameter,
+                kind=kind,
+                attached=attached,
+                axes=tuple(float(a) for a in axes),  # type: ignore[arg-type]
+                rotation=tuple(float(v) for v in q.ravel()),
+                lobes=tuple(lobes),  # type: ignore[arg-type]
+                hu=hu,
+                core_fraction=core_f,
+                core_hu=core_hu,
+            )
+        )
+        del n_i
+    return tuple(placed)
+
+
+# ---------------------------------------------------------------------------------------- rendering
+
+
+class _Fine:
+    """The oversampled grid: each slice is ``n_sub`` sub-planes across its thickness, sorted by z."""
+
+    def __init__(self, p: PhantomParams) -> None:
+        nz, ny, nx = p.shape_zyx
+        self.n_sub = int(min(6, max(1, math.ceil(p.slice_thickness_mm / _SUBSLICE_MM - 1e-6))))
+        offs = ((np.arange(self.n_sub) + 0.5) / self.n_sub - 0.5) * p.slice_thickness_mm
+        z_slices = p.origin_lps_mm[2] + np.arange(nz) * p.slice_spacing_mm
+        z = (z_slices[:, None] + offs[None, :]).ravel()  # slice-major
+        self.order = np.argsort(z, kind="stable")
+        self.z = z[self.order]
+        self.x = (p.origin_lps_mm[0] + np.arange(nx) * p.pixel_spacing_mm).astype(np.float32)
+        self.y = (p.origin_lps_mm[1] + np.arange(ny) * p.pixel_spacing_mm).astype(np.float32)
+        self.h = p.pixel_spacing_mm
+        self.shape = (len(z), ny, nx)
+
+    def box(self, lo: NDArray[np.float64], hi: NDArray[np.float64]) -> tuple[slice, slice, slice] | None:
+        """Index ranges (fine plane, row, column) of the LPS box [lo, hi]; None when empty."""
+        k0, k1 = np.searchsorted(self.z, lo[2]), np.searchsorted(self.z, hi[2], side="right")
+        j0 = max(0, int(math.floor((lo[1] - self.y[0]) / self.h)))
+        j1 = min(len(self.y), int(math.ceil((hi[1] - self.y[0]) / self.h)) + 1)
+        i0 = max(0, int(math.floor((lo[0] - self.x[0]) / self.h)))
+        i1 = min(len(self.x), int(math.ceil((hi[0] - self.x[0]) / self.h)) + 1)
+        if k1 <= k0 or j1 <= j0 or i1 <= i0:
+            return None
+        return slice(int(k0), int(k1)), slice(j0, j1), slice(i0, i1)
+
+
+def _render_anatomy(
+    anat: _Anatomy, fine: _Fine, hu: NDArray[np.float32], lung: NDArray[np.bool_], struct: NDArray[np.uint8]
+) -> None:
+    """Body, chest wall, bones, lungs, mediastinum, heart, abdomen and table, slab by slab."""
+    p = anat.p
+    x = fine.x[None, None, :]
+    y = fine.y[:, None][None]
+    f32 = np.float32
+    wtex = _rng(p.seed, "texture").uniform(0, 2 * np.pi, 6)
+    for k0 in range(0, fine.shape[0], _SLAB_PLANES):
+        z = fine.z[k0 : k0 + _SLAB_PLANES].astype(np.float32)[:, None, None]
+        h = hu[k0 : k0 + _SLAB_PLANES]
+        s_ = struct[k0 : k0 + _SLAB_PLANES]
+        u, v = anat.body_uv(x, y)
+        u = u.astype(f32)
+        v = v.astype(f32)
+        depth = anat.depth(u, v, z)
+        body = depth > 0
+        h[...] = AIR_HU
+        s_[...] = _S["air"]
+        # table: a carbon shell with a foam core, curved up at the edges, under the patient
+        if p.table:
+            xt = x - (p.center_x_mm * 0.3)
+            table_top = anat.cy + anat.B + p.table_gap_mm + 0.0 + 0.0006 * xt * xt
+            ty = y - table_top
+            in_table = (np.abs(xt) < 230) & (ty >= 0) & (ty < 45)
+            shell = in_table & ((ty < 3) | (ty > 41))
+            h[np.broadcast_to(in_table & ~shell, h.shape)] = -880.0
+            h[np.broadcast_to(shell, h.shape)] = 250.0
+            s_[np.broadcast_to(in_table, h.shape)] = _S["table"]
+        # cushion under the patient's back
+        cushion = (~body) & (v > anat.B - 1.0) & (v < anat.B + p.table_gap_mm) & (np.abs(u) < anat.A * 0.8)
+        h[cushion] = -750.0
+        # body wall layers (by depth below the skin)
+        r = np.sqrt(u * u + v * v) + f32(1e-3)
+        cu, cv = u / r, v / r
+        fat_mm = p.fat_mm * (1.0 + 0.35 * cv + 0.25 * cu * cu)
+        skin_in = depth < p.skin_mm
+        fat_in = depth < p.skin_mm + fat_mm
+        muscle_in = depth < p.skin_mm + fat_mm + p.muscle_mm * (1.0 + 1.2 * np.maximum(cv, 0.0) ** 2)
+        cav_d = anat.cavity_depth(u, v)
+        texture = 6.0 * np.sin(u * 0.21 + wtex[0]) * np.sin(v * 0.17 + wtex[1]) * np.sin(z * 0.13 + wtex[2])
+        h[body] = p.muscle_hu
+        s_[body] = _S["muscle"]
+        m = body & fat_in & ~skin_in
+        h[m] = (p.fat_hu + texture)[m]
+        s_[m] = _S["fat"]
+        m = body & skin_in
+        h[m] = p.skin_hu
+        s_[m] = _S["skin"]
+        # ribs in the wall band: obliques that descend anteriorly, cortex + marrow
+        wall_band = body & ~muscle_in & (depth < cav_d)
+        if wall_band.any():
+            kk, jj, ii = np.nonzero(wall_band)
+            ub, vb_ = u[0, jj, ii], v[0, jj, ii]
+            zb_ = z[kk, 0, 0]
+            theta = np.abs(np.arctan2(ub - anat.mc, vb_))  # 0 = posterior midline, π = anterior
+            zr = zb_ + theta * (0.11 * anat.H)  # a rib runs ~ 0.11 H lower per radian going forward
+            phase = (zr - anat.zb) / p.rib_pitch_mm
+            dz = (phase - np.round(phase)) * p.rib_pitch_mm
+            centre_d = cav_d[0, jj, ii] - p.wall_mm * 0.5
+            dd = depth[kk, jj, ii] - centre_d
+            q = (dz / 6.0) ** 2 + (dd / (0.38 * p.wall_mm)) ** 2
+            level = np.round(phase)
+            rib_ok = (q < 1.0) & (theta < 2.45) & (level >= -1) & (level <= 10.5 / 1.0)
+            sternum = (theta > 2.9) & (np.abs(ub - anat.mc) < 16) & (np.abs(dd) < 0.4 * p.wall_mm) & (zb_ > anat.zb - 40) & (zb_ < anat.z_top - 25)
+            bone_hu = np.where(q > 0.55, p.cortex_hu, p.bone_hu + 60.0)
+            hh = np.where(rib_ok, bone_hu, np.where(sternum, p.bone_hu + 120.0, p.muscle_hu - 5.0))
+            h[kk, jj, ii] = hh
+            s_[kk, jj, ii] = np.where(rib_ok | sternum, _S["bone"], _S["muscle"])
+        # thoracic cavity
+        cav = body & (depth >= cav_d)
+        below = z <= anat.diaphragm_z(u, v)
+        med = anat.mediastinum(u, v, z)
+        hq = anat.heart_q(u, v, z)
+        lung_r = cav & ~below & (z < anat.z_top) & ~med & (hq > 1.12**2) & anat.apex_ok(u, v, z)
+        lung[k0 : k0 + _SLAB_PLANES] = lung_r
+        # mediastinum: fat; abdomen: liver on the right, spleen/stomach on the left
+        m = cav & ~lung_r
+        h[m] = (p.fat_hu + 10.0 + np.broadcast_to(texture, h.shape))[m]
+        s_[m] = _S["mediastinum"]
+        ab = cav & below & (hq > 1.0)
+        liver = ab & (u < anat.mc + 25)
+        h[liver] = p.liver_hu
+        h[ab & ~liver] = p.liver_hu - 12.0
+        s_[ab] = _S["abdomen"]
+        stomach_air = ab & ~liver & (v < -0.35 * anat.B) & (z > anat.diaphragm_z(u, v) - 25) & (u > anat.mc + 40)
+        h[stomach_air] = -990.0
+        # heart: myocardium shell, blood inside, epicardial fat outside
+        heart = cav & (hq < 1.0)
+        h[heart] = p.myocardium_hu
+        h[cav & (hq < 0.72**2)] = p.blood_hu
+        s_[heart] = _S["heart"]
+        # lung parenchyma with a dependent (posterior) gradient and faint texture
+        grad = p.lung_gradient_hu * np.clip((v + anat.B) / (2 * anat.B), 0.0, 1.0) ** 2
+        lung_hu = p.lung_hu + grad + 1.5 * texture
+        h[lung_r] = np.broadcast_to(lung_hu, h.shape)[lung_r]
+        s_[lung_r] = _S["lung"]
+        # spine: vertebral bodies (cortex + trabecular bone), discs, canal, posterior elements
+        du, dv = u - anat.mc, v - anat.v_vb
+        rv2 = du * du + dv * dv
+        disc = np.abs(((z - anat.zb) / (p.rib_pitch_mm * 1.02)) % 1.0 - 0.5) < 0.1
+        vb = rv2 < anat.r_vb**2
+        vb_hu = np.where(disc, 85.0, np.where(rv2 > (anat.r_vb - 2.5) ** 2, p.cortex_hu * 0.8, p.bone_hu))
+        h[vb & body] = np.broadcast_to(vb_hu, h.shape)[vb & body]
+        s_[vb & body] = _S["bone"]
+        canal_v = anat.v_vb + anat.r_vb + 9.0
+        rc2 = du * du + (v - canal_v) ** 2
+        arch = (rc2 < 15.0**2) & (rc2 >= 9.0**2) & (v > anat.v_vb + anat.r_vb - 2)
+        spinous = (np.abs(du) < 4.0) & (v > canal_v + 12.0) & (v < canal_v + 40.0) & (depth > p.skin_mm + p.fat_mm)
+        post = (arch | spinous) & body
+        h[post] = p.cortex_hu * 0.7
+        s_[post] = _S["bone"]
+        h[(rc2 < 9.0**2) & body] = 15.0
+
+
+def _render_tubes(
+    tubes: Sequence[_Tube], fine: _Fine, hu: NDArray[np.float32], lung: NDArray[np.bool_], struct: NDArray[np.uint8]
+) -> None:
+    """Draw each tube with an anti-aliased edge (one pixel wide), blending its HU over what is there."""
+    for t in tubes:
+        a, b = np.array(t.a), np.array(t.b)
+        rmax = max(t.r0, t.r1)
+        box = fine.box(np.minimum(a, b) - rmax - fine.h, np.maximum(a, b) + rmax + fine.h)
+        if box is None:
+            continue
+        ks, js, is_ = box
+        pz = (fine.z[ks] - a[2]).astype(np.float32)[:, None, None]
+        py = (fine.y[js] - a[1]).astype(np.float32)[None, :, None]
+        px = (fine.x[is_] - a[0]).astype(np.float32)[None, None, :]
+        ab = (b - a).astype(np.float32)
+        den = float(ab @ ab) or 1.0
+        tt = np.clip((px * ab[0] + py * ab[1] + pz * ab[2]) / den, 0.0, 1.0)
+        dx = px - tt * ab[0]
+        dy = py - tt * ab[1]
+        dz = pz - tt * ab[2]
+        dist = np.sqrt(dx * dx + dy * dy + dz * dz)
+        radius = t.r0 + tt * (t.r1 - t.r0)
+        occ = np.clip((radius - dist) / fine.h + 0.5, 0.0, 1.0)
+        if not occ.any():
+            continue
+        h = hu[box]
+        h += occ * (t.hu - h)
+        if t.lumen > 0:
+            occ_l = np.clip((radius * t.lumen - dist) / fine.h + 0.5, 0.0, 1.0)
+            h += occ_l * (AIR_HU - h)
+        inside = occ >= 0.5
+        struct[box][inside] = t.structure
+        if t.central:
+            lung[box][inside] = False
+
+
+def _nodule_occupancy(spec: NoduleSpec, fine: _Fine) -> tuple[tuple[slice, slice, slice], NDArray[np.float32], NDArray[np.float32]] | None:
+    """Occupancy (0..1) of a nodule and of its solid core over its bounding box."""
+    c = np.array(spec.center_lps_mm)
+    radius = spec.diameter_mm / 2
+    amp = sum(abs(lb[0]) for lb in spec.lobes)
+    reach = radius * max(spec.axes) * (1 + amp) + 2 * fine.h
+    box = fine.box(c - reach, c + reach)
+    if box is None:
+        return None
+    ks, js, is_ = box
+    pz = (fine.z[ks] - c[2]).astype(np.float32)[:, None, None]
+    py = (fine.y[js] - c[1]).astype(np.float32)[None, :, None]
+    px = (fine.x[is_] - c[0]).astype(np.float32)[None, None, :]
+    rot = np.array(spec.rotation, dtype=np.float32).reshape(3, 3)
+    # coordinates in the ellipsoid frame, scaled by the semi-axes
+    q = [(px * rot[0, n] + py * rot[1, n] + pz * rot[2, n]) / np.float32(spec.axes[n] * radius) for n in range(3)]
+    rn = np.sqrt(q[0] ** 2 + q[1] ** 2 + q[2] ** 2) + np.float32(1e-6)
+    surface = np.ones_like(rn)
+    for amp_i, order, ax, ay, az, phase in spec.lobes:
+        cosang = np.clip((q[0] * ax + q[1] * ay + q[2] * az) / rn, -1.0, 1.0)
+        surface += np.float32(amp_i) * np.cos(np.float32(order) * np.arccos(cosang) + np.float32(phase))
+    scale = np.float32(radius / fine.h)
+    occ = np.clip((surface - rn) * scale + 0.5, 0.0, 1.0)
+    core = np.clip((surface * spec.core_fraction - rn) * scale + 0.5, 0.0, 1.0) if spec.core_fraction > 0 else np.zeros_like(occ)
+    return box, occ, core
+
+
+def _render_nodules(
+    specs: Sequence[NoduleSpec], fine: _Fine, hu: NDArray[np.float32], lung: NDArray[np.bool_], ids: NDArray[np.uint8], struct: NDArray[np.uint8]
+) -> None:
+    for n, spec in enumerate(specs, start=1):
+        got = _nodule_occupancy(spec, fine)
+        if got is None:
+            continue
+        box, occ, core = got
+        occ = occ * lung[box]  # never outside the lung region: the pleura clips a juxtapleural nodule
+        core = core * lung[box]
+        h = hu[box]
+        if spec.kind == "solid":
+            h += occ * (spec.hu - h)
+        else:
+            # ground glass: vessels keep showing through (max), a part-solid core replaces
+            h[...] = np.maximum(h, h + occ * (spec.hu - h))
+            if spec.kind == "part_solid":
+                h += core * (spec.core_hu - h)
+        inside = occ >= 0.5
+        ids[box][inside] = n
+        struct[box][inside] = _S["nodule"]
+
+
+def render_phantom(params: PhantomParams) -> Phantom:
+    """Sample ``params`` on its grid: anatomy, tubes and nodules on sub-slices, then partial volume,
+    point-spread blur and noise. Deterministic in ``params`` (the noise is seeded by ``params.seed``)."""
+    t0 = time.perf_counter()
+    p = params
+    anat = _Anatomy(p)
+    fine = _Fine(p)
+    hu = np.empty(fine.shape, dtype=np.float32)
+    lung = np.zeros(fine.shape, dtype=bool)
+    struct = np.zeros(fine.shape, dtype=np.uint8)
+    ids = np.zeros(fine.shape, dtype=np.uint8)
+    _render_anatomy(anat, fine, hu, lung, struct)
+    _render_tubes(_trees(anat), fine, hu, lung, struct)
+    _render_nodules(p.nodules, fine, hu, lung, ids, struct)
+
+    nz, ny, nx = p.shape_zyx
+    n_sub = fine.n_sub
+    if n_sub == 1 and np.all(fine.order == np.arange(len(fine.order))):
+        hu_s, lung_s, ids_s, struct_s = hu, lung, ids, struct
+        nod_frac = ids > 0
+    else:
+        inv = np.empty_like(fine.order)
+        inv[fine.order] = np.arange(len(fine.order))
+        # fine plane of (slice k, sub s) sits at inv[k * n_sub + s]
+        idx = inv.reshape(nz, n_sub)
+        hu_s = np.zeros((nz, ny, nx), dtype=np.float32)
+        lung_c = np.zeros((nz, ny, nx), dtype=np.uint8)
+        nod_c = np.zeros((nz, ny, nx), dtype=np.uint8)
+        ids_s = np.zeros((nz, ny, nx), dtype=np.uint8)
+        for s in range(n_sub):
+            hu_s += hu[idx[:, s]]
+            lung_c += lung[idx[:, s]]
+            nod_c += ids[idx[:, s]] > 0
+            np.maximum(ids_s, ids[idx[:, s]], out=ids_s)
+        hu_s /= n_sub
+        lung_s = lung_c * 2 >= n_sub
+        nod_frac = nod_c * 2 >= n_sub
+        struct_s = struct[idx[:, n_sub // 2]]
+        del hu, lung, ids, struct
+    labels = np.zeros((nz, ny, nx), dtype=np.uint8)
+    labels[lung_s] = LABEL_LUNG
+    nod = nod_frac & lung_s
+    labels[nod] = LABEL_NODULE
+    nodule_ids = np.where(nod, ids_s, 0).astype(np.uint8)
+
+    image = _add_blur_and_noise(hu_s, p)
+    np.clip(image, MIN_HU, MAX_HU, out=image)
+    np.rint(image, out=image)
+    hu_i16 = image.astype(np.int16)
+
+    affine = p.affine_lps
+    inv_aff = np.linalg.inv(affine)
+    counts = np.bincount(nodule_ids.ravel(), minlength=len(p.nodules) + 1)
+    voxel_ml = p.slice_spacing_mm * p.pixel_spacing_mm**2 / 1000.0
+    truths = []
+    for n, spec in enumerate(p.nodules, start=1):
+        if counts[n] == 0:
+            continue
+        ijk = inv_aff @ np.array([*spec.center_lps_mm, 1.0])
+        truths.append(
+            NoduleTruth(
+                center_zyx_vox=(float(ijk[2]), float(ijk[1]), float(ijk[0])),
+                center_lps_mm=spec.center_lps_mm,
+                diameter_mm=spec.diameter_mm,
+                kind=spec.kind,
+                attached=spec.attached,
+                index=n,
+                voxel_count=int(counts[n]),
+                volume_ml=float(counts[n] * voxel_ml),
+                hu=spec.hu,
+            )
+        )
+    return Phantom(
+        hu_zyx=hu_i16,
+        labels_zyx=labels,
+        spacing_mm=p.spacing_mm,
+        nodules=tuple(truths),
+        params=p,
+        seed=p.seed,
+        affine_lps=affine,
+        nodule_ids_zyx=nodule_ids,
+        structures_zyx=np.ascontiguousarray(struct_s),
+        slice_thickness_mm=p.slice_thickness_mm,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _gauss_gain(sigma_px: float) -> float:
+    """Factor by which a 1-D Gaussian filter (scipy's kernel) scales white noise's std."""
+    if sigma_px <= 0:
+        return 1.0
+    delta = np.zeros(int(8 * sigma_px) * 2 + 3)
+    delta[len(delta) // 2] = 1.0
+    kernel = ndimage.gaussian_filter1d(delta, sigma_px, mode="constant")
+    return float(np.sqrt(np.sum(kernel**2)))
+
+
+def _add_blur_and_noise(hu: NDArray[np.float32], p: PhantomParams) -> NDArray[np.float32]:
+    """White noise added to the partial-volume image, then the in-plane point-spread blur over both:
+    the noise becomes correlated (as in filtered back-projection) with the requested final std."""
+    sigma_px = p.blur_sigma_mm / p.pixel_spacing_mm
+    gain = _gauss_gain(sigma_px) ** 2
+    rng = _rng(p.seed, "noise")
+    if p.noise_sigma_hu > 0:
+        noise = rng.standard_normal(hu.shape, dtype=np.float32)
+        noise *= np.float32(p.noise_sigma_hu / gain)
+        hu += noise
+        del noise
+    if sigma_px > 0.05:
+        for axis in (1, 2):
+            ndimage.gaussian_filter1d(hu, sigma_px, axis=axis, output=hu, mode="nearest", truncate=3.0)
+    return hu
+
+
+# --------------------------------------------------------------------------------------- public API
+
+
+def generate_phantom(
+    seed: int,
+    *,
+    shape_zyx: tuple[int, int, int] | None = None,
+    spacing_mm: tuple[float, float, float] | None = None,
+    nodules: int | None = None,
+    slice_thickness_mm: float | None = None,
+    max_nodules: int = 5,
+    nodule_kinds: Sequence[str] | None = None,
+    nodule_attachments: Sequence[str] | None = None,
+    nodule_diameter_mm: tuple[float, float] = (3.0, 30.0),
+    noise_sigma_hu: float | None = None,
+    blur_sigma_mm: float | None = None,
+    contrast: bool | None = None,
+    params: PhantomParams | None = None,
+) -> Phantom:
+    """Generate a synthetic chest CT phantom with its labels and nodule truth.
+
+    The keyword arguments fix what would otherwise be drawn from ``seed`` (see
+    `sample_phantom_params`, which documents each); ``params`` bypasses sampling entirely (e.g. a
+    `dataclasses.replace` of another phantom's parameters). Arrays are ``[k, j, i]`` with k from
+    inferior to superior.
+
+    Examples
+    --------
+    >>> ph = generate_phantom(7, shape_zyx=(64, 128, 128), nodules=2)
+    >>> ph.hu_zyx.dtype, ph.labels_zyx.shape
+    (dtype('int16'), (64, 128, 128))
+
+    Raises
+    ------
+    PhantomError
+        An argument is out of range.
+    """
+    if params is None:
+        params = sample_phantom_params(
+            seed,
+            shape_zyx=shape_zyx,
+            spacing_mm=spacing_mm,
+            slice_thickness_mm=slice_thickness_mm,
+            nodules=nodules,
+            max_nodules=max_nodules,
+            nodule_kinds=nodule_kinds,
+            nodule_attachments=nodule_attachments,
+            nodule_diameter_mm=nodule_diameter_mm,
+            noise_sigma_hu=noise_sigma_hu,
+            blur_sigma_mm=blur_sigma_mm,
+            contrast=contrast,
+        )
+    return render_phantom(params)
+
+
+def write_phantom_series(phantom: Phantom, out_dir: Path, **kwargs: Any) -> list[Path]:
+    """Write ``phantom`` as a DICOM CT series; see `models.phantom_dicom.write_phantom_series`."""
+    from models.phantom_dicom import write_phantom_series as _write
+
+    return _write(phantom, out_dir, **kwargs)
