@@ -24,6 +24,8 @@ import logging
 from typing import TYPE_CHECKING
 
 import highdicom as hd
+from pydicom.valuerep import format_number_as_ds
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from pipeline.encode_seg import (
@@ -126,7 +128,7 @@ def encode_sr(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_CT_CHEST,
         imaging_measurements=groups,
-        referenced_images=list(source.datasets),
+        referenced_images=image_library_headers(source),
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*source.datasets, seg],
@@ -148,6 +150,53 @@ def encode_sr(
         "none" if result.study_finding is None else ("present" if result.study_finding.present else "absent"),
     )
     return sr
+
+
+def image_library_headers(source: SourceSeries) -> list[Dataset]:
+    """Minimal headers describing each source instance for the image library (TID 1601/1602/1604).
+
+    highdicom's image library reads Pixel Spacing, Slice Thickness and Image Orientation/Position
+    (Patient) from the top level of each dataset, which enhanced multi-frame images keep in functional
+    groups and some scanners omit; the values are therefore taken from the loaded geometry (for a
+    multi-frame instance: its first frame in volume order), never guessed.
+    """
+    affine = source.volume.affine_lps
+    spacing_k, spacing_j, spacing_i = source.volume.spacing_mm
+    row = affine[:3, 0] / spacing_i
+    col = affine[:3, 1] / spacing_j
+    first_frame = {}
+    for frame in source.frames:
+        first_frame.setdefault(frame.sop_instance_uid, frame)
+    headers = []
+    for ds in source.datasets:
+        frame = first_frame.get(ds.SOPInstanceUID)
+        if frame is None:
+            continue
+        header = Dataset()
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "Modality", "Rows", "Columns", "FrameOfReferenceUID"):
+            if keyword in ds:
+                setattr(header, keyword, ds[keyword].value)
+        header.PixelSpacing = [_ds(spacing_j), _ds(spacing_i)]
+        thickness = ds.get("SliceThickness")
+        if thickness in (None, ""):
+            thickness = _shared_slice_thickness(ds)
+        header.SliceThickness = thickness if thickness not in (None, "") else _ds(spacing_k)
+        header.ImageOrientationPatient = [_ds(x) for x in (*row, *col)]
+        header.ImagePositionPatient = [_ds(x) for x in frame.image_position_lps_mm]
+        headers.append(header)
+    return headers
+
+
+def _shared_slice_thickness(ds: Dataset) -> object:
+    try:
+        return ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness
+    except (AttributeError, IndexError, KeyError):
+        return None
+
+
+def _ds(value: float) -> str:
+    """A decimal string (VR DS, at most 16 characters)."""
+    return format_number_as_ds(float(value))
 
 
 def _finding_group(

@@ -1,0 +1,159 @@
+"""Postprocessing: thresholds, components, physical measurements, study-level result."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.spec import StudyFindingSource, StudyFindingSpec
+from pipeline.postprocess import (
+    locate_findings,
+    longest_axial_diameter_mm,
+    plan_label_map,
+    postprocess,
+)
+from pipeline.types import Volume
+from tests.pipeline.synthetic_chest import (
+    LUNG_LABEL,
+    NODULE_LABEL,
+    chest_model_spec,
+    probabilities_from_truth,
+    write_chest_series,
+)
+
+
+def _volume(shape: tuple[int, int, int], spacing_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Volume:
+    affine = np.diag([spacing_zyx[2], spacing_zyx[1], spacing_zyx[0], 1.0])
+    affine[:3, 3] = (-10.0, 20.0, 5.0)
+    return Volume(array_zyx=np.zeros(shape, dtype=np.float32), affine_lps=affine)
+
+
+def _probabilities(nodule: np.ndarray, lung: np.ndarray | None = None, p: float = 0.9) -> np.ndarray:
+    out = np.zeros((3, *nodule.shape), dtype=np.float32)
+    if lung is not None:
+        out[1][lung] = 0.8
+    out[2][nodule] = p
+    out[0] = 1.0 - out[1] - out[2]
+    return out
+
+
+def test_label_map_uses_each_labels_own_threshold() -> None:
+    probabilities = np.zeros((3, 1, 1, 4), dtype=np.float32)
+    probabilities[:, 0, 0, 0] = (0.6, 0.3, 0.1)  # background wins
+    probabilities[:, 0, 0, 1] = (0.2, 0.7, 0.1)  # lung
+    probabilities[:, 0, 0, 2] = (0.4, 0.25, 0.35)  # nodule reaches a lowered threshold of 0.3
+    probabilities[:, 0, 0, 3] = (0.1, 0.45, 0.45)  # tie: the lower label value keeps it
+    sensitive = replace(NODULE_LABEL, threshold=0.3)
+    lung = replace(LUNG_LABEL, threshold=0.4)
+    assert plan_label_map(probabilities, [lung, sensitive])[0, 0].tolist() == [0, 1, 2, 1]
+
+
+def test_label_map_rejects_a_label_without_a_channel() -> None:
+    with pytest.raises(ValueError, match="channels"):
+        plan_label_map(np.zeros((2, 1, 2, 2), dtype=np.float32), [LUNG_LABEL, NODULE_LABEL])
+
+
+def test_components_below_the_minimum_size_are_removed_and_not_reported() -> None:
+    volume = _volume((6, 20, 20))
+    nodule = np.zeros(volume.shape_zyx, dtype=bool)
+    nodule[1:4, 2:6, 2:6] = True  # 48 mm³, kept (min 10 mm³)
+    nodule[5, 15, 15] = True  # 1 mm³, removed
+    result = postprocess(_probabilities(nodule), volume, [LUNG_LABEL, NODULE_LABEL])
+    assert [f.voxel_count for f in result.findings] == [48]
+    assert result.label_map.array_zyx[5, 15, 15] == 0
+    assert int((result.label_map.array_zyx == 2).sum()) == 48
+
+
+def test_diagonal_neighbours_form_one_component_with_26_connectivity() -> None:
+    volume = _volume((4, 10, 10))
+    nodule = np.zeros(volume.shape_zyx, dtype=bool)
+    nodule[0:2, 0:3, 0:3] = True
+    nodule[2:4, 3:6, 3:6] = True  # touches the first block only by a corner
+    result = postprocess(_probabilities(nodule), volume, [LUNG_LABEL, NODULE_LABEL])
+    assert len(result.findings) == 1 and result.findings[0].voxel_count == 36
+
+
+def test_sphere_measurements_match_its_physical_size(tmp_path: Path) -> None:
+    chest = write_chest_series(tmp_path, nodules=[((12.0, 32.0, 20.0), 5.0)])
+    volume = Volume(array_zyx=chest.hu_zyx, affine_lps=chest.affine_lps)
+    spec = chest_model_spec()
+    result = postprocess(probabilities_from_truth(chest), volume, spec.labels, study_finding=spec.study_finding)
+    (finding,) = result.findings
+    assert finding.label == "nodule" and finding.index == 1
+    assert finding.volume_ml == pytest.approx(4 / 3 * math.pi * 5.0**3 / 1000, rel=0.08)
+    assert finding.diameter_mm == pytest.approx(10.0, abs=0.8)
+    expected = chest.affine_lps[:3, :3] @ np.array([20.0, 32.0, 12.0]) + chest.affine_lps[:3, 3]
+    assert np.allclose(finding.centroid_lps_mm, expected, atol=0.05)
+    assert finding.mean_hu == pytest.approx(30.0, abs=2.0)
+    assert 2.0 < finding.std_hu < 8.0  # the written noise has σ = 5 HU
+    assert finding.score == pytest.approx(0.9)
+    assert finding.slice_indices == (10, 11, 12, 13, 14)
+
+
+def test_diameter_is_measured_in_mm_with_anisotropic_pixels() -> None:
+    mask = np.zeros((1, 10, 30), dtype=bool)
+    mask[0, 4, 5:15] = True  # 10 columns in a row
+    affine = np.diag([0.5, 2.0, 3.0, 1.0])  # columns 0.5 mm apart, rows 2 mm
+    assert longest_axial_diameter_mm(mask, affine) == pytest.approx(5.0)
+    vertical = np.zeros((1, 10, 30), dtype=bool)
+    vertical[0, 2:6, 7] = True  # 4 rows
+    assert longest_axial_diameter_mm(vertical, affine) == pytest.approx(8.0)
+    single = np.zeros((1, 3, 3), dtype=bool)
+    single[0, 1, 1] = True
+    assert longest_axial_diameter_mm(single, affine) == pytest.approx(2.0)
+
+
+def test_diameter_ignores_the_slice_direction() -> None:
+    mask = np.zeros((20, 5, 5), dtype=bool)
+    mask[:, 2, 2] = True  # a long thin column along z: one pixel per slice
+    assert longest_axial_diameter_mm(mask, np.eye(4)) == pytest.approx(1.0)
+
+
+def test_study_score_comes_from_the_head_when_the_manifest_says_so() -> None:
+    volume = _volume((4, 8, 8))
+    nodule = np.zeros(volume.shape_zyx, dtype=bool)
+    nodule[1:3, 2:5, 2:5] = True
+    head = StudyFindingSpec("nodule present", NODULE_LABEL.type, threshold=0.5, source=StudyFindingSource.HEAD)
+    result = postprocess(_probabilities(nodule), volume, [LUNG_LABEL, NODULE_LABEL], study_logit=-2.0, study_finding=head)
+    assert result.study_finding is not None
+    assert result.study_finding.score == pytest.approx(1 / (1 + math.exp(2.0)))
+    assert result.study_finding.present is False
+    no_logit = postprocess(_probabilities(nodule), volume, [LUNG_LABEL, NODULE_LABEL], study_finding=head)
+    assert no_logit.study_finding is not None and no_logit.study_finding.score == pytest.approx(0.9)
+
+
+def test_study_without_findings_is_absent_with_score_zero() -> None:
+    volume = _volume((4, 8, 8))
+    lung = np.zeros(volume.shape_zyx, dtype=bool)
+    lung[:, 1:7, 1:7] = True
+    spec = chest_model_spec()
+    result = postprocess(
+        _probabilities(np.zeros_like(lung), lung), volume, spec.labels, study_finding=spec.study_finding
+    )
+    assert result.findings == ()
+    assert result.study_finding is not None
+    assert (result.study_finding.score, result.study_finding.present) == (0.0, False)
+    assert int((result.label_map.array_zyx == 1).sum()) == int(lung.sum())
+
+
+def test_probabilities_on_another_grid_are_refused() -> None:
+    with pytest.raises(ValueError, match="invert_to_source"):
+        postprocess(np.zeros((3, 2, 4, 4), dtype=np.float32), _volume((3, 4, 4)), [LUNG_LABEL, NODULE_LABEL])
+
+
+def test_findings_are_ordered_by_size_and_located_again_exactly() -> None:
+    volume = _volume((8, 20, 20))
+    nodule = np.zeros(volume.shape_zyx, dtype=bool)
+    nodule[1:3, 1:4, 1:4] = True  # 18 voxels
+    nodule[4:8, 10:15, 10:15] = True  # 100 voxels
+    result = postprocess(_probabilities(nodule), volume, [LUNG_LABEL, NODULE_LABEL], keep_probabilities=True)
+    assert [f.voxel_count for f in result.findings] == [100, 18]
+    assert [f.index for f in result.findings] == [1, 2]
+    index_map = locate_findings(result)
+    assert int((index_map == 1).sum()) == 100 and index_map[5, 12, 12] == 1
+    assert int((index_map == 2).sum()) == 18 and index_map[1, 1, 1] == 2
+    assert set(result.probabilities) == {1, 2}
