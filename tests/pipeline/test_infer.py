@@ -1,0 +1,234 @@
+"""Sliding-window inference: exact blending, padding, batching, study logit, out-of-memory fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models import loader
+from models.loader import load_model
+from models.spec import InferenceSpec, load_spec
+from pipeline.infer import (
+    InferenceOutput,
+    gaussian_importance_map,
+    infer,
+    sliding_window_logits,
+    window_starts,
+)
+from tests.models.tiny_bundle import make_tiny_bundle
+
+SPEC = InferenceSpec(patch_size_zyx=(8, 16, 16), overlap=0.5, batch_size=3, gaussian_sigma_scale=0.125)
+
+
+class Identity(torch.nn.Module):
+    """Returns its input as segmentation logits (and no study head)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class WindowMean(torch.nn.Module):
+    """Two-class logits (0, input) and the window's mean as its study logit."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([torch.zeros_like(x), x], dim=1), x.mean(dim=(1, 2, 3, 4))[:, None]
+
+
+class OutOfMemoryAboveBatchOne(torch.nn.Module):
+    """Simulates a GPU that holds one window at a time: CUDA OOM for a batch > 1 or off the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[tuple[str, int]] = []
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        self.batches.append((x.device.type, int(x.shape[0])))
+        if x.shape[0] > 1 or x.device.type != "cpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return torch.cat([-x, x], dim=1), None
+
+
+def random_volume(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+@pytest.mark.parametrize("shape", [(1, 20, 37, 29), (2, 8, 16, 16), (1, 5, 7, 40)])
+def test_identity_model_reproduces_the_input_exactly(shape: tuple[int, ...]) -> None:
+    """Blending weights are normalised: a model returning its input gives the input back."""
+    volume = random_volume(shape)
+    logits, study_logit, windows = sliding_window_logits(Identity(), volume, SPEC,
+                                                         torch.device("cpu"), 3)
+    np.testing.assert_allclose(logits.numpy(), volume, rtol=1e-6, atol=1e-6)
+    assert study_logit is None and windows >= 1
+
+
+def test_constant_model_gives_constant_probabilities_on_the_input_grid() -> None:
+    class Constant(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = torch.tensor([0.0, 1.0, 2.0]).reshape(1, 3, 1, 1, 1)
+            return logits.expand(x.shape[0], 3, *x.shape[2:])
+
+    volume = random_volume((1, 11, 21, 35))
+    out = infer(Constant(), volume, SPEC)
+    expected = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0).numpy()
+    assert out.probabilities_czyx.shape == (3, 11, 21, 35)
+    assert out.probabilities_czyx.dtype == np.float32
+    np.testing.assert_allclose(out.probabilities_czyx, expected[:, None, None, None]
+                               * np.ones((3, 11, 21, 35), np.float32), rtol=1e-6)
+
+
+def test_probabilities_are_a_softmax_of_the_blended_logits() -> None:
+    volume = random_volume((1, 10, 20, 20)) * 4
+    out = infer(WindowMean(), volume, SPEC)
+    np.testing.assert_allclose(out.probabilities_czyx.sum(axis=0), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(out.probabilities_czyx[1], 1 / (1 + np.exp(-volume[0])), rtol=1e-5)
+
+
+def test_volume_smaller_than_the_window_is_padded_and_cropped_back() -> None:
+    volume = random_volume((1, 3, 5, 6))
+    out = infer(Identity(), volume, SPEC)
+    assert out.probabilities_czyx.shape == volume.shape and out.windows == 1
+    logits, _, _ = sliding_window_logits(Identity(), volume, SPEC, torch.device("cpu"), 1)
+    np.testing.assert_allclose(logits.numpy(), volume, rtol=1e-6)
+
+
+def test_study_logit_is_the_largest_window_logit() -> None:
+    volume = np.zeros((1, 8, 32, 32), np.float32)
+    volume[0, :, :16, :16] = 1.0  # exactly one window (of 16×16 in-plane, no overlap) sees only ones
+    spec = InferenceSpec(patch_size_zyx=(8, 16, 16), overlap=0.0, batch_size=2)
+    out = infer(WindowMean(), volume, spec)
+    assert out.study_logit == pytest.approx(1.0) and out.windows == 4
+
+
+def test_a_model_without_study_head_gives_no_study_logit() -> None:
+    assert infer(Identity(), random_volume((1, 8, 16, 16)), SPEC).study_logit is None
+
+
+@pytest.fixture(scope="module")
+def tiny_handle(tmp_path_factory: pytest.TempPathFactory) -> loader.ModelHandle:
+    loader.clear_cache()
+    bundle = make_tiny_bundle(tmp_path_factory.mktemp("infer") / "tiny")
+    yield load_model(load_spec(bundle), "cpu")
+    loader.clear_cache()
+
+
+def chest_input() -> np.ndarray:
+    z, y, x = np.mgrid[:20, :48, :48]
+    hu = np.full((20, 48, 48), 40.0, np.float32)
+    hu[((y - 24) / 18) ** 2 + ((x - 24) / 16) ** 2 < 1] = -850.0
+    hu[(z - 10) ** 2 + (y - 24) ** 2 + (x - 24) ** 2 < 12] = 20.0
+    hu += np.random.default_rng(1).normal(0, 15, hu.shape).astype(np.float32)
+    return ((np.clip(hu, -1000, 400) + 1000) / 1400)[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_batch_size_does_not_change_the_result(tiny_handle: loader.ModelHandle, batch_size: int) -> None:
+    """Windows are blended in a fixed order whatever the batch; only oneDNN's convolution blocking may
+    differ with the batch size, in the last float32 bits (measured: ≤ 8e-7), never in the labels."""
+    volume = chest_input()
+    reference = infer(tiny_handle, volume, InferenceSpec((8, 24, 24), 0.25, 1))
+    other = infer(tiny_handle, volume, InferenceSpec((8, 24, 24), 0.25, batch_size))
+    np.testing.assert_allclose(other.probabilities_czyx, reference.probabilities_czyx, atol=2e-6)
+    np.testing.assert_array_equal(other.probabilities_czyx.argmax(0),
+                                  reference.probabilities_czyx.argmax(0))
+    assert other.study_logit == pytest.approx(reference.study_logit, abs=1e-5)
+
+
+def test_batch_size_gives_bit_identical_results_for_a_per_voxel_model() -> None:
+    volume = random_volume((1, 13, 30, 30))
+    results = [infer(WindowMean(), volume, InferenceSpec((8, 16, 16), 0.5, b)) for b in (1, 2, 7)]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other.probabilities_czyx, results[0].probabilities_czyx)
+        assert other.study_logit == results[0].study_logit
+
+
+def test_tiny_model_inference_is_deterministic_and_finds_the_nodule(
+        tiny_handle: loader.ModelHandle) -> None:
+    volume = chest_input()
+    before = volume.copy()
+    first = infer(tiny_handle, volume, tiny_handle.spec.inference)
+    second = infer(tiny_handle, volume, tiny_handle.spec.inference)
+    np.testing.assert_array_equal(volume, before)  # the input is left alone
+    np.testing.assert_array_equal(first.probabilities_czyx, second.probabilities_czyx)
+    labels = first.probabilities_czyx.argmax(axis=0)
+    assert labels[10, 24, 24] == 2 and labels[10, 24, 14] == 1 and labels[10, 2, 2] == 0
+    assert first.study_logit is not None and first.study_logit > 0
+    assert isinstance(first, InferenceOutput) and first.device == "cpu"
+
+
+def test_out_of_memory_retries_with_half_the_batch_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    model = OutOfMemoryAboveBatchOne()
+    volume = random_volume((1, 12, 24, 24))
+    with caplog.at_level(logging.WARNING, logger="pipeline.infer"):
+        out = infer(model, volume, InferenceSpec((8, 16, 16), 0.5, 4))
+    assert out.batch_size == 1 and out.device == "cpu"
+    assert [size for _, size in model.batches[:3]] == [4, 2, 1]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("event=infer_out_of_memory" in m and "action=retry_batch_size_2" in m for m in messages)
+    np.testing.assert_allclose(out.probabilities_czyx[1], 1 / (1 + np.exp(-2 * volume[0])), rtol=1e-5)
+
+
+def test_out_of_memory_at_batch_one_off_the_cpu_falls_back_to_the_cpu(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every non-CPU batch fails (the 'meta' device stands in for a full GPU): the CPU finishes."""
+    model = OutOfMemoryAboveBatchOne()
+    with caplog.at_level(logging.WARNING, logger="pipeline.infer"):
+        out = infer(model, random_volume((1, 8, 16, 24)), InferenceSpec((8, 16, 16), 0.5, 2),
+                    device="meta")
+    assert out.device == "cpu" and out.probabilities_czyx.shape == (2, 8, 16, 24)
+    assert any("action=retry_on_cpu" in r.getMessage() for r in caplog.records)
+    assert model.batches == [("meta", 2), ("meta", 1)]  # then a CPU copy of the model finishes
+
+
+def test_out_of_memory_on_the_cpu_at_batch_one_is_a_transient_error() -> None:
+    errors = pytest.importorskip("pipeline.errors")
+
+    class AlwaysOutOfMemory(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise torch.cuda.OutOfMemoryError("simulated")
+
+    with pytest.raises(errors.TransientPipelineError, match="out of memory"):
+        infer(AlwaysOutOfMemory(), random_volume((1, 8, 16, 16)), SPEC)
+
+
+def test_a_model_that_changes_the_window_size_is_rejected() -> None:
+    class Shrinks(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :, 1:]
+
+    with pytest.raises(ValueError, match="keep the batch and spatial size"):
+        infer(Shrinks(), random_volume((1, 8, 16, 16)), SPEC)
+
+
+def test_non_finite_input_is_rejected() -> None:
+    volume = random_volume((1, 8, 16, 16))
+    volume[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        infer(Identity(), volume, SPEC)
+
+
+def test_gaussian_importance_map_peaks_at_the_centre_and_stays_positive() -> None:
+    weights = gaussian_importance_map((8, 16, 17), 0.125)
+    assert weights.dtype == np.float32 and weights.min() > 0 and weights.max() == 1.0
+    assert weights[4, 8, 8] > weights[0, 0, 0]
+    np.testing.assert_allclose(weights, weights[::-1, ::-1, ::-1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 400), patch=st.integers(1, 128), overlap=st.floats(0.0, 0.9))
+def test_windows_cover_the_axis_with_at_least_the_requested_overlap(size: int, patch: int,
+                                                                    overlap: float) -> None:
+    starts = window_starts(size, patch, overlap)
+    if size <= patch:
+        assert starts == [0]
+        return
+    assert starts[0] == 0 and starts[-1] == size - patch
+    gaps = np.diff(starts)
+    assert (gaps > 0).all()
+    assert (gaps <= np.ceil(max(1.0, patch * (1 - overlap)))).all()  # starts are rounded
+
