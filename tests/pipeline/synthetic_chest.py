@@ -101,8 +101,8 @@ def write_chest_series(
     kk, jj, ii = np.meshgrid(np.arange(slices), np.arange(size), np.arange(size), indexing="ij")
     c = (size - 1) / 2
     body = ((jj - c) / (0.46 * size)) ** 2 + ((ii - c) / (0.48 * size)) ** 2 <= 1.0
-    lung_r = ((jj - c) / (0.32 * size)) ** 2 + ((ii - 0.30 * size) / (0.17 * size)) ** 2 <= 1.0
-    lung_l = ((jj - c) / (0.32 * size)) ** 2 + ((ii - 0.70 * size) / (0.17 * size)) ** 2 <= 1.0
+    lung_r = ((jj - c) / (0.32 * size)) ** 2 + ((ii - 0.27 * size) / (0.15 * size)) ** 2 <= 1.0
+    lung_l = ((jj - c) / (0.32 * size)) ** 2 + ((ii - 0.73 * size) / (0.15 * size)) ** 2 <= 1.0
     lung = (lung_r | lung_l) & (kk >= 1) & (kk <= slices - 2)
     hu = np.full((slices, size, size), -1000.0, dtype=np.float32)
     hu[body] = 40.0

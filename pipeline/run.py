@@ -1,0 +1,324 @@
+"""The one composition function of the pipeline: a series' files → a SEG and an SR written atomically.
+
+`run_job` shows the whole flow: load → preprocess → infer → postprocess (back on the source grid) →
+encode SEG and SR → write. It knows nothing of SQLite, networking or the job queue: the worker calls it
+with files and a folder and records the returned `JobOutput`; the ``edge-node analyze`` command calls it
+per series. Unusable input raises `pipeline.errors.InputRejectedError` (permanent: never retried);
+resource trouble raises `pipeline.errors.TransientPipelineError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from pipeline.encode_seg import encode_seg, plan_segments
+from pipeline.encode_sr import encode_sr
+from pipeline.errors import InputRejectedError
+from pipeline.postprocess import postprocess
+from pipeline.types import Finding, SourceSeries, StudyFinding
+from pipeline.uids import plan_result_uids
+
+if TYPE_CHECKING:
+    from models.registry import ModelRegistry
+    from models.spec import ModelSpec, SeriesCandidate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StageTimings:
+    """Wall-clock seconds per stage of one job (``model``: loading the weights, or the warm-cache hit)."""
+
+    load: float = 0.0
+    model: float = 0.0
+    preprocess: float = 0.0
+    infer: float = 0.0
+    postprocess: float = 0.0
+    encode: float = 0.0
+    write: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.load + self.model + self.preprocess + self.infer + self.postprocess + self.encode + self.write
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutput:
+    """What one analysis produced: the written files, the findings and how long each stage took.
+
+    ``seg_path`` and ``sr_path`` are final (renamed into place, fsynced). UIDs are the derived result
+    UIDs (`pipeline.uids`), identical for a re-run of the same input with the same model.
+    """
+
+    seg_path: Path
+    sr_path: Path
+    findings: tuple[Finding, ...]
+    study_finding: StudyFinding | None
+    timings: StageTimings
+    model_name: str
+    model_version: str
+    study_instance_uid: str
+    series_instance_uid: str
+    seg_series_instance_uid: str
+    seg_sop_instance_uid: str
+    sr_series_instance_uid: str
+    sr_sop_instance_uid: str
+    device: str = "cpu"
+    notes: tuple[str, ...] = field(default=())
+
+
+def series_candidate(source: SourceSeries) -> SeriesCandidate:
+    """What routing needs to know of a loaded series (models.spec.SeriesCandidate)."""
+    from models.spec import SeriesCandidate
+
+    header = source.datasets[0] if source.datasets else Dataset()
+    thickness = _float_or_none(header.get("SliceThickness"))
+    if thickness is None:
+        thickness = _shared_slice_thickness(header)
+    return SeriesCandidate(
+        modality=str(source.modality or header.get("Modality", "")).upper(),
+        body_part=str(header.get("BodyPartExamined", "") or "").upper(),
+        slice_count=len(source.frames),
+        slice_thickness_mm=thickness,
+        image_type=tuple(str(v).upper() for v in _as_list(header.get("ImageType"))),
+        series_description=str(header.get("SeriesDescription", "") or ""),
+    )
+
+
+def select_model(source: SourceSeries, registry: ModelRegistry) -> ModelSpec:
+    """The first model (by name) whose series criteria accept the series.
+
+    Raises
+    ------
+    InputRejectedError
+        ``no_model``: no model accepts the series; the message lists each model's reason.
+    """
+    decisions = registry.decisions(series_candidate(source))
+    for spec, accepted, _ in decisions:
+        if accepted:
+            return spec
+    reasons = "; ".join(f"{spec.name}: {reason}" for spec, _, reason in decisions) or "no models installed"
+    raise _rejected("no_model", f"no model accepts this series ({reasons})")
+
+
+def run_job(
+    paths: Sequence[Path],
+    out_dir: Path,
+    *,
+    model: ModelSpec | None = None,
+    registry: ModelRegistry | None = None,
+    device: str = "auto",
+    seg_series_description: str | None = None,
+    sr_series_description: str | None = None,
+) -> JobOutput:
+    """Analyse one series and write its SEG and SR into ``out_dir``.
+
+    Parameters
+    ----------
+    paths
+        The series' files (one series; use `pipeline.load.group_series` to split a folder).
+    out_dir
+        Where ``SEG_<SOP Instance UID>.dcm`` and ``SR_<SOP Instance UID>.dcm`` are written (created if
+        needed). Each file is written to a temporary file in ``out_dir``, fsynced and renamed, so a
+        reader never sees a partial file; the names derive from our result UIDs, never from received
+        values.
+    model
+        The model to run; None = the first model of ``registry`` whose series criteria accept the series.
+    registry
+        Where to look for a model when ``model`` is None (default: the shipped bundles).
+    device
+        ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+    seg_series_description, sr_series_description
+        Series Description of the outputs; None or empty = the model manifest's ``[outputs]``.
+
+    Returns
+    -------
+    JobOutput
+
+    Raises
+    ------
+    InputRejectedError
+        The series cannot be analysed (the loader's reasons, or ``no_model``).
+    TransientPipelineError
+        Resources ran out (e.g. memory during inference); retrying later may succeed.
+    """
+    from models.loader import load_model, resolve_device
+    from pipeline.infer import infer
+    from pipeline.load import load_series
+    from pipeline.preprocess import invert_to_source, run_plan
+
+    started = time.perf_counter()
+    paths = [Path(p) for p in paths]
+    source = load_series(paths)
+    t_load = time.perf_counter()
+    if model is None:
+        if registry is None:
+            from models.registry import ModelRegistry
+
+            registry = ModelRegistry()
+        model = select_model(source, registry)
+    handle = load_model(model, resolve_device(device))
+    t_model = time.perf_counter()
+
+    preprocessed, records = run_plan(source.volume, model.preprocess)
+    t_pre = time.perf_counter()
+
+    output = infer(handle, np.asarray(preprocessed.array_zyx, dtype=np.float32)[None], model.inference)
+    t_infer = time.perf_counter()
+
+    study_logit = output.study_logit
+    probabilities = _probabilities_on_source(output.probabilities_czyx, records, source, invert_to_source)
+    del output  # the preprocessed-grid probabilities are no longer needed (memory)
+    fractional = str(getattr(model.segmentation.type, "value", model.segmentation.type)).upper() == "FRACTIONAL"
+    result = postprocess(
+        probabilities,
+        source.volume,
+        model.labels,
+        study_logit=study_logit,
+        study_finding=model.study_finding,
+        keep_probabilities=fractional,
+    )
+    del probabilities
+    uids = plan_result_uids([frame.sop_instance_uid for frame in source.frames], model.name, model.version)
+    result = replace(
+        result, findings=tuple(replace(f, tracking_uid=uids.tracking_uid(f.index)) for f in result.findings)
+    )
+    t_post = time.perf_counter()
+
+    layout = plan_segments(result, uids)
+    seg = encode_seg(source, result, model, uids, layout=layout, series_description=seg_series_description or None)
+    sr = encode_sr(
+        source, result, seg, model, uids, layout=layout, series_description=sr_series_description or None
+    )
+    t_encode = time.perf_counter()
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seg_path = write_dataset_atomically(seg, out_dir / f"SEG_{uids.seg_sop_instance_uid}.dcm")
+    sr_path = write_dataset_atomically(sr, out_dir / f"SR_{uids.sr_sop_instance_uid}.dcm")
+    t_write = time.perf_counter()
+
+    timings = StageTimings(
+        load=t_load - started,
+        model=t_model - t_load,
+        preprocess=t_pre - t_model,
+        infer=t_infer - t_pre,
+        postprocess=t_post - t_infer,
+        encode=t_encode - t_post,
+        write=t_write - t_encode,
+    )
+    study = result.study_finding
+    log.info(
+        "event=job_done model=%s version=%s device=%s slices=%d findings=%d study_finding=%s seconds=%.3f "
+        "load=%.3f preprocess=%.3f infer=%.3f postprocess=%.3f encode=%.3f write=%.3f",
+        model.name,
+        model.version,
+        handle.device,
+        len(source.frames),
+        len(result.findings),
+        "none" if study is None else ("present" if study.present else "absent"),
+        t_write - started,
+        timings.load,
+        timings.preprocess,
+        timings.infer,
+        timings.postprocess,
+        timings.encode,
+        timings.write,
+    )
+    return JobOutput(
+        seg_path=seg_path,
+        sr_path=sr_path,
+        findings=result.findings,
+        study_finding=study,
+        timings=timings,
+        model_name=model.name,
+        model_version=model.version,
+        study_instance_uid=source.study_instance_uid,
+        series_instance_uid=source.series_instance_uid,
+        seg_series_instance_uid=uids.seg_series_instance_uid,
+        seg_sop_instance_uid=uids.seg_sop_instance_uid,
+        sr_series_instance_uid=uids.sr_series_instance_uid,
+        sr_sop_instance_uid=uids.sr_sop_instance_uid,
+        device=str(handle.device),
+        notes=tuple(source.notes),
+    )
+
+
+def write_dataset_atomically(dataset: Dataset, path: Path) -> Path:
+    """Write a DICOM file so that ``path`` is either absent or complete: temporary file in the same
+    folder, fsync, rename over ``path``, fsync of the folder. Returns ``path``."""
+    path = Path(path)
+    fd, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            dataset.save_as(handle, enforce_file_format=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def _probabilities_on_source(
+    probabilities_czyx: np.ndarray,
+    records: Sequence[Any],
+    source: SourceSeries,
+    invert_to_source: Any,
+) -> np.ndarray:
+    """Map the foreground channels back onto the source grid, one channel at a time.
+
+    Channel 0 (background) is never read by postprocessing; it stays an untouched ``np.zeros`` page
+    range, which costs no resident memory. Doing one channel at a time bounds the temporaries of the
+    inverse resampling to one volume.
+    """
+    channels = probabilities_czyx.shape[0]
+    out = np.zeros((channels, *source.volume.shape_zyx), dtype=np.float32)
+    for c in range(1, channels):
+        out[c] = invert_to_source(probabilities_czyx[c], records, order=1)
+    return out
+
+
+def _rejected(reason: str, message: str) -> InputRejectedError:
+    return InputRejectedError(reason, message)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        return [value]
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _shared_slice_thickness(header: Dataset) -> float | None:
+    try:
+        return _float_or_none(header.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness)
+    except (AttributeError, IndexError, KeyError):
+        return None
