@@ -2,7 +2,8 @@
 
 Starts ``edge-node serve`` with a copy of the example config (``config/edge-node.toml``) changed only
 where a demo must differ (a free port on 127.0.0.1, a temporary data folder, the demo's sender among
-``allowed_callers``, a short ``quiet_seconds``), generates a small synthetic CT study, sends it by
+``allowed_callers``, a short ``quiet_seconds``), generates a small synthetic chest CT study with
+`models.phantoms`, sends it by
 C-STORE with a pynetdicom SCU, polls ``edge-node status --json`` until every instance is indexed and
 the study is complete, prints the status table, and stops the receiver with SIGTERM. Exit status 0
 when all of that worked; 1 with a message naming the step that failed otherwise. It never leaves a
@@ -120,80 +121,29 @@ def write_demo_config(path: Path, data_dir: Path) -> None:
 # The study
 
 
-def write_demo_study(folder: Path, slices: int, size: int) -> DemoStudy:
-    """Write a small synthetic CT series (Explicit VR Little Endian, int16 HU) into ``folder``.
+def write_demo_study(folder: Path, slices: int, size: int, seed: int = 2026) -> DemoStudy:
+    """Write a synthetic chest CT series (`models.phantoms`, Explicit VR Little Endian) into ``folder``.
 
-    Uses the phantom generator of `models.phantoms` when it is available, else a plain pydicom writer.
+    Parameters
+    ----------
+    folder
+        Created if missing; one file per slice.
+    slices, size
+        Number of slices and rows = columns (pixels); the generator picks spacings that cover a chest.
+    seed
+        Phantom seed: the same seed gives the same images and UIDs.
     """
-    import numpy as np
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from models.phantoms import generate_phantom, write_phantom_series
 
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(7)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-    spacing_mm = 350.0 / size
-    thickness_mm = 2.5
-    files = []
-    for index in range(slices):
-        hu = np.full((size, size), -1000.0, dtype=np.float32)
-        hu[(xx / 0.45) ** 2 + (yy / 0.33) ** 2 <= 1.0] = 40.0
-        for cx in (-0.18, 0.18):
-            hu[((xx - cx) / 0.13) ** 2 + (yy / 0.22) ** 2 <= 1.0] = -850.0
-        hu += rng.normal(0.0, 15.0, size=hu.shape).astype(np.float32)
-        pixels = np.clip(hu + 1024.0, 0, 4095).astype(np.uint16)
-        sop_uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = time.strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = time.strftime("%H%M%S")
-        ds.Modality = "CT"
-        ds.Manufacturer = "pacs-edge-node demo"
-        ds.PatientName = "DEMO^PHANTOM"
-        ds.PatientID = "DEMO0001"
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.AccessionNumber = ""
-        ds.ReferringPhysicianName = ""
-        ds.StudyID = "1"
-        ds.StudyDescription = "Demo chest CT (synthetic)"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = 1
-        ds.SeriesDescription = "Demo chest CT 2.5 mm"
-        ds.InstanceNumber = index + 1
-        ds.BodyPartExamined = "CHEST"
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.ImagePositionPatient = [-175.0, -175.0, -index * thickness_mm]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.SliceThickness = thickness_mm
-        ds.PixelSpacing = [spacing_mm, spacing_mm]
-        ds.KVP = 120
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = -1024
-        ds.RescaleSlope = 1
-        ds.RescaleType = "HU"
-        ds.PixelData = pixels.tobytes()
-        path = folder / f"CT{index + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return DemoStudy(tuple(files), study_uid, series_uid)
+    phantom = generate_phantom(seed, shape_zyx=(slices, size, size))
+    files = write_phantom_series(
+        phantom, folder, patient_name="DEMO^PHANTOM", patient_id="DEMO0001",
+        series_description="Demo chest CT (synthetic)", study_description="CT CHEST demo",
+    )
+    from pydicom import dcmread
+
+    first = dcmread(files[0], stop_before_pixels=True)
+    return DemoStudy(tuple(files), str(first.StudyInstanceUID), str(first.SeriesInstanceUID))
 
 
 # --------------------------------------------------------------------------------------------------
