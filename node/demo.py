@@ -3,12 +3,11 @@
 Starts ``edge-node serve`` with a copy of the example config (``config/edge-node.toml``) changed only
 where a demo must differ (a free port on 127.0.0.1, a temporary data folder, the demo's sender among
 ``allowed_callers``, a short ``quiet_seconds``), generates a small synthetic chest CT study with
-`models.phantoms`, sends it by
-C-STORE with a pynetdicom SCU, polls ``edge-node status --json`` until every instance is indexed and
-the study is complete, prints the status table, and stops the receiver with SIGTERM. Exit status 0
-when all of that worked; 1 with a message naming the step that failed otherwise. It never leaves a
-process behind. It does not import the receiver's modules: it drives the real command line, as an
-operator would.
+`models.phantoms`, sends it by C-STORE with a pynetdicom SCU, polls ``edge-node status --json`` until
+every instance is indexed and the study is complete, prints the status table, and stops the receiver
+with SIGTERM. Exit status 0 when all of that worked; 1 with a message naming the step that failed
+otherwise. It never leaves a process behind. It does not import the receiver's modules: it drives
+the real command line, as an operator would.
 
 Run: ``.venv/bin/python -m node.demo [--slices 40] [--size 256] [--data-dir DIR] [--timeout 120]``.
 """
