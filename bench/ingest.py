@@ -44,13 +44,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 BENCH_AE = "BENCH"
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as a script from a checkout: import models from the repository
+    sys.path.insert(0, str(HERE.parent))
 DEFAULT_OUT = HERE / "out" / "ingest.json"
 READY_SECONDS = 60.0
 VERIFY_SECONDS = 120.0
@@ -65,93 +63,28 @@ class BenchError(RuntimeError):
 # The series
 
 
-def write_ct_series(folder: Path, slices: int, size: int, seed: int = 0) -> list[Path]:
-    """Write a synthetic axial CT series, one Explicit VR Little Endian file per slice.
-
-    The image is a simple chest-like phantom (body ellipse, two lungs, noise) in int16 HU with
-    rescale slope 1 and intercept 0; only its size matters for the benchmark.
+def write_ct_series(folder: Path, slices: int, size: int, seed: int = 300) -> list[Path]:
+    """Write a synthetic chest CT series (`models.phantoms`), one Explicit VR Little Endian file per slice.
 
     Parameters
     ----------
     folder
-        Existing folder to write ``CT0000.dcm``, ``CT0001.dcm``... into.
+        Folder to write the files into (created if missing).
     slices, size
-        Number of slices and rows = columns (pixels).
+        Number of slices and rows = columns (pixels); int16 pixels, so 300 × 512 × 512 is ≈ 157 MB.
     seed
-        Seed of the noise, so repeated benchmarks send the same bytes.
+        Phantom seed, so repeated benchmarks send the same bytes.
 
     Returns
     -------
     list[Path]
         The files, in slice order.
     """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    base = np.full((size, size), -1000.0, dtype=np.float32)
-    base[(xx / 0.45) ** 2 + (yy / 0.33) ** 2 <= 1.0] = 40.0
-    for cx in (-0.18, 0.18):
-        base[((xx - cx) / 0.13) ** 2 + (yy / 0.22) ** 2 <= 1.0] = -850.0
-    noise_bank = rng.normal(0.0, 20.0, size=(8, size, size)).astype(np.float32)
+    from models.phantoms import generate_phantom, write_phantom_series
 
-    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-    spacing_mm = 350.0 / size
-    thickness_mm = 1.0
-    paths = []
-    for index in range(slices):
-        pixels = np.clip(base + noise_bank[index % len(noise_bank)] + (index % 7), -1024, 3071).astype(np.int16)
-        meta = FileMetaDataset()
-        sop_uid = generate_uid()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-        ds.Modality = "CT"
-        ds.Manufacturer = "pacs-edge-node bench"
-        ds.PatientName = "BENCH^PHANTOM"
-        ds.PatientID = "BENCH0001"
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.AccessionNumber = ""
-        ds.ReferringPhysicianName = ""
-        ds.StudyID = "1"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = 1
-        ds.InstanceNumber = index + 1
-        ds.SeriesDescription = "Bench chest CT"
-        ds.BodyPartExamined = "CHEST"
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.ImagePositionPatient = [-175.0, -175.0, -index * thickness_mm]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.SliceThickness = thickness_mm
-        ds.SliceLocation = -index * thickness_mm
-        ds.PixelSpacing = [spacing_mm, spacing_mm]
-        ds.KVP = 120
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = 0
-        ds.RescaleSlope = 1
-        ds.RescaleType = "HU"
-        ds.WindowCenter = 40
-        ds.WindowWidth = 400
-        ds.PixelData = pixels.tobytes()
-        path = folder / f"CT{index:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    phantom = generate_phantom(seed, shape_zyx=(slices, size, size))
+    return write_phantom_series(phantom, folder, patient_name="BENCH^PHANTOM", patient_id="BENCH0001",
+                                series_description="Bench chest CT (synthetic)")
 
 
 # --------------------------------------------------------------------------------------------------
