@@ -51,3 +51,26 @@ def test_render_table_lists_each_key_with_its_default_and_comment() -> None:
     table = module.render_table('[receiver]\n# Our AE title.\nae_title = "X"  # inline\n# A.\n# B.\nport = 1\n')
     assert "| `ae_title` | `\"X\"` | Our AE title. |" in table
     assert "| `port` | `1` | A. B. |" in table
+
+
+def test_readme_documents_every_cli_command_and_exit_code() -> None:
+    import argparse
+
+    from node import cli
+
+    text = README.read_text(encoding="utf-8")
+    parser = cli.build_parser()
+    commands = [
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    ]
+    assert commands, "edge-node has no subcommands?"
+    undocumented = [c for c in commands if f"| `edge-node {c}" not in text]
+    assert not undocumented, f"README's command table lacks {undocumented}"
+    block = text[text.index("<!-- cli-exit-codes:start -->"): text.index("<!-- cli-exit-codes:end -->")]
+    codes = {value for name, value in vars(cli).items() if name.startswith("EXIT_")}
+    assert codes, "node.cli defines no EXIT_* codes"
+    missing = sorted(c for c in codes if f"| `{c}` |" not in block)
+    assert not missing, f"README's exit code table lacks {missing}"
