@@ -232,3 +232,14 @@ def test_windows_cover_the_axis_with_at_least_the_requested_overlap(size: int, p
     assert (gaps > 0).all()
     assert (gaps <= np.ceil(max(1.0, patch * (1 - overlap)))).all()  # starts are rounded
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_inference_under_autocast_agrees_with_the_cpu(tiny_handle: loader.ModelHandle) -> None:
+    volume = chest_input()
+    on_cpu = infer(tiny_handle, volume, tiny_handle.spec.inference, device="cpu")
+    on_gpu = infer(tiny_handle, volume, tiny_handle.spec.inference, device="cuda")
+    assert on_gpu.device.startswith("cuda") and on_gpu.probabilities_czyx.dtype == np.float32
+    agree = on_gpu.probabilities_czyx.argmax(0) == on_cpu.probabilities_czyx.argmax(0)
+    assert agree.mean() > 0.999
+    np.testing.assert_allclose(on_gpu.probabilities_czyx, on_cpu.probabilities_czyx, atol=0.05)
