@@ -128,8 +128,8 @@ def encode_sr(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_CT_CHEST,
         imaging_measurements=groups,
-        referenced_images=image_library_headers(source),
     )
+    _insert_image_library(report, image_library_headers(source))
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*source.datasets, seg],
         content=report,
@@ -173,7 +173,7 @@ def image_library_headers(source: SourceSeries) -> list[Dataset]:
         if frame is None:
             continue
         header = Dataset()
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "Modality", "Rows", "Columns", "FrameOfReferenceUID"):
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "Modality", "Rows", "Columns", "FrameOfReferenceUID", "NumberOfFrames"):
             if keyword in ds:
                 setattr(header, keyword, ds[keyword].value)
         header.PixelSpacing = [_ds(spacing_j), _ds(spacing_i)]
@@ -185,6 +185,65 @@ def image_library_headers(source: SourceSeries) -> list[Dataset]:
         header.ImagePositionPatient = [_ds(x) for x in frame.image_position_lps_mm]
         headers.append(header)
     return headers
+
+
+#: Concept names of the per-image descriptors (TID 1602); everything else is shared by a series' images.
+_PER_IMAGE_DESCRIPTORS = {
+    codes.DCM.ImagePositionPatientX.value,
+    codes.DCM.ImagePositionPatientY.value,
+    codes.DCM.ImagePositionPatientZ.value,
+}
+
+
+def _insert_image_library(report: hd.sr.MeasurementReport, headers: list[Dataset]) -> None:
+    """Add the Image Library (TID 1600) to ``report``, right before Imaging Measurements.
+
+    One Image Library Group holds the descriptors the images share (TID 1602 at group level: modality,
+    frame of reference, matrix, pixel spacing, slice thickness, orientation) and one entry (TID 1601) per
+    image with only its own position. highdicom's own library repeats every descriptor in every entry,
+    which for a 300-slice CT took ~5 s of the SR's encoding (measured) for no extra information.
+    """
+    if not headers:
+        return
+    shared = [
+        item
+        for item in hd.sr.ImageLibraryEntryDescriptors(headers[0])
+        if item.ConceptNameCodeSequence[0].CodeValue not in _PER_IMAGE_DESCRIPTORS
+    ]
+    group = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    group.ContentSequence = hd.sr.ContentSequence(shared)
+    names = (codes.DCM.ImagePositionPatientX, codes.DCM.ImagePositionPatientY, codes.DCM.ImagePositionPatientZ)
+    for header in headers:
+        entry = hd.sr.ImageContentItem(
+            name=hd.sr.CodedConcept("260753009", "SCT", "Source"),
+            referenced_sop_class_uid=header.SOPClassUID,
+            referenced_sop_instance_uid=header.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        if "NumberOfFrames" not in header:  # a multi-frame image has no single position
+            entry.ContentSequence = hd.sr.ContentSequence(
+                [
+                    hd.sr.NumContentItem(
+                        name=name,
+                        value=float(value),
+                        unit=codes.UCUM.Millimeter,
+                        relationship_type=hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT,
+                    )
+                    for name, value in zip(names, header.ImagePositionPatient, strict=True)
+                ]
+            )
+        group.ContentSequence.append(entry)
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = hd.sr.ContentSequence([group])
+    content = report[0].ContentSequence
+    position = next(
+        n for n, item in enumerate(content) if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value
+    )
+    content.insert(position, library)
 
 
 def _shared_slice_thickness(ds: Dataset) -> object:
