@@ -84,7 +84,7 @@ MAX_HU = 3071
 
 #: Above this many fine voxels a volume is built in slabs (bounded memory).
 _SLAB_PLANES = 8
-#: Sub-slices per reconstructed slice: one per this many millimetres of slice thickness.
+#: Spacing (at most) of the planes the anatomy is sampled on before slices average them, in mm.
 _SUBSLICE_MM = 1.25
 
 
@@ -365,12 +365,16 @@ def sample_phantom_params(
     half_width = float(rng.uniform(130, 195)) * (1.0 if sex == "M" else 0.94)
     half_depth = half_width * float(rng.uniform(0.62, 0.82))
     lung_height = float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.2)) * (170 + 0.45 * half_width)
-    fat = float(rng.uniform(4, 40)) * (1.15 if sex == "F" else 1.0)
-    muscle = float(rng.uniform(6, 20))
+    fat = float(rng.uniform(3, 25)) * (1.15 if sex == "F" else 1.0)
+    muscle = float(rng.uniform(5, 14))
     skin = float(rng.uniform(1.5, 2.5))
-    wall = float(rng.uniform(10, 15))
-    coverage_margin = float(rng.uniform(15, 70))
-    coverage = lung_height + 30 + coverage_margin  # lungs (incl. recesses) + margins
+    wall = float(rng.uniform(8, 12))
+    dome_depth = float(rng.uniform(35, 60))
+    # Scan range: from above the apices to below the costophrenic recesses (1.4 dome depths under
+    # the right dome, plus the left dome's drop), with margins.
+    lung_extent = lung_height + 1.4 * dome_depth + 12.0
+    margin_top, margin_bottom = float(rng.uniform(8, 40)), float(rng.uniform(8, 50))
+    coverage = lung_extent + margin_top + margin_bottom
 
     # --- grid
     fov_needed = 2 * half_width * float(rng.uniform(1.06, 1.3))
@@ -407,9 +411,9 @@ def sample_phantom_params(
     center_y = fov_center_y + float(rng.uniform(-20, 20))
     lung_base_z = float(rng.uniform(-450, 50))
     # Slices centred on the lungs (recesses reach ~45 mm under the domes), with a random shift.
-    lung_mid = lung_base_z + (lung_height - 45) / 2
+    scan_mid = lung_base_z + lung_height + margin_top - coverage / 2
     z_extent = (nz - 1) * dz
-    z0 = lung_mid - z_extent / 2 + float(rng.uniform(-0.08, 0.08)) * min(z_extent, coverage)
+    z0 = scan_mid - z_extent / 2
     origin = (
         fov_center_x - (nx - 1) * dx / 2,
         fov_center_y - (ny - 1) * dx / 2,
@@ -437,12 +441,12 @@ def sample_phantom_params(
         lung_base_z_mm=lung_base_z,
         lung_height_mm=lung_height,
         left_dome_drop_mm=float(rng.uniform(5, 25)),
-        dome_depth_mm=float(rng.uniform(35, 60)),
+        dome_depth_mm=dome_depth,
         mediastinum_half_width_mm=float(rng.uniform(0.10, 0.15)) * half_width,
         mediastinum_shift_mm=float(rng.uniform(-8, 8)),
         heart_axes_mm=(
-            float(rng.uniform(0.32, 0.42)) * half_width,
-            float(rng.uniform(0.40, 0.50)) * half_depth,
+            float(rng.uniform(0.28, 0.36)) * half_width,
+            float(rng.uniform(0.34, 0.42)) * half_depth,
             float(rng.uniform(0.18, 0.24)) * lung_height,
         ),
         heart_shift_mm=float(rng.uniform(0.08, 0.16)) * half_width,
@@ -467,7 +471,7 @@ def sample_phantom_params(
         contrast=contrast_on,
         noise_sigma_hu=float(rng.uniform(10, 40)) if noise_sigma_hu is None else float(noise_sigma_hu),
         blur_sigma_mm=float(rng.uniform(0.35, 0.9)) if blur_sigma_mm is None else float(blur_sigma_mm),
-        vessel_points=int(rng.integers(160, 320)),
+        vessel_points=int(rng.integers(350, 700)),
         kvp=float(rng.choice([100.0, 120.0, 120.0, 140.0])),
         tube_current_ma=float(rng.uniform(60, 350)),
     )
@@ -504,17 +508,18 @@ class _Anatomy:
         self.zb, self.H = p.lung_base_z_mm, p.lung_height_mm
         self.d_cav = p.skin_mm + p.fat_mm + p.muscle_mm + p.wall_mm
         self.mc = p.mediastinum_shift_mm
+        self.phase = _rng(p.seed, "phases").uniform(0, 2 * np.pi, 8)
         self.mw = p.mediastinum_half_width_mm
         # Spine: vertebral body centre (body frame v), posterior elements behind it.
-        post_wall = p.skin_mm + p.fat_mm * 0.8 + p.muscle_mm * 1.8 + 30.0
-        self.v_vb = self.B - post_wall - p.vertebra_radius_mm
+        post_wall = p.skin_mm + p.fat_mm * 1.35 + 50.0
+        self.v_vb = max(self.B - post_wall - p.vertebra_radius_mm, 0.12 * self.B)
         self.r_vb = p.vertebra_radius_mm
         # Heart (body frame): anterior-left, resting on the diaphragm.
         ha, hb, hc = p.heart_axes_mm
         self.heart_axes = (ha, hb, hc)
         self.heart_c = (
             self.mc + p.heart_shift_mm,
-            -0.18 * self.B,
+            -0.24 * self.B,
             self.zb + 0.55 * hc - 10.0,
         )
         ang = math.radians(p.heart_angle_deg)
@@ -560,14 +565,18 @@ class _Anatomy:
         cu, cv = u / r, v / r
         p = self.p
         fat = p.fat_mm * (1.0 + 0.35 * cv + 0.25 * cu * cu)
-        muscle = p.muscle_mm * (1.0 + 1.2 * np.maximum(cv, 0.0) ** 2)
-        return p.skin_mm + fat + muscle + p.wall_mm
+        return p.skin_mm + fat + self.muscle_depth(u, cv) + p.wall_mm
+
+    def muscle_depth(self, u: Any, cv: Any) -> Any:
+        """Muscle layer thickness: paraspinal muscles make it thicker beside the spine, at the back."""
+        w = (u - self.mc) / 70.0
+        return self.p.muscle_mm * (1.0 + 3.0 * np.maximum(cv, 0.0) ** 2 * np.exp(-w * w))
 
     def diaphragm_z(self, u: Any, v: Any) -> Any:
         """Height of the diaphragm under each lung: a dome per side, lower in the recesses."""
         side_c = np.where(u < self.mc, self.mc - 0.5 * self.A, self.mc + 0.5 * self.A)
         top = np.where(u < self.mc, self.zb, self.zb - self.p.left_dome_drop_mm)
-        q = ((u - side_c) / (0.55 * self.A)) ** 2 + ((v + 0.1 * self.B) / (0.9 * self.B)) ** 2
+        q = ((u - side_c) / (0.45 * self.A)) ** 2 + ((v + 0.2 * self.B) / (0.8 * self.B)) ** 2
         return top - self.p.dome_depth_mm * np.minimum(q, 1.4)
 
     def heart_q(self, u: Any, v: Any, z: Any) -> Any:
@@ -582,7 +591,12 @@ class _Anatomy:
     def mediastinum(self, u: Any, v: Any, z: Any) -> Any:
         """The central compartment between the lungs (without the heart), as a boolean array."""
         s = (z - self.zb) / self.H
-        width = self.mw * (1.0 + 0.5 * _smoothstep(0.55, 0.9, s)) * (1.0 - 0.35 * _smoothstep(-0.2, 0.3, v / self.B))
+        # narrow anteriorly (the lungs nearly meet behind the sternum), widest mid-way (aorta, trachea,
+        # hila), narrower again at the oesophagus; wider in the upper chest; gently wavy edges
+        vn = v / self.B + 0.05
+        profile = 0.45 + 0.75 * np.exp(-((vn / 0.35) ** 2))
+        wobble = 1.0 + 0.1 * np.sin(v * 0.04 + self.phase[0]) * np.sin(z * 0.025 + self.phase[1])
+        width = self.mw * profile * wobble * (1.0 + 0.45 * _smoothstep(0.55, 0.9, s))
         central = np.abs(u - self.mc) < width
         desc = (u - self.desc[0]) ** 2 + (v - self.desc[1]) ** 2 < (self.r_ao + 4.0) ** 2
         spine = ((u - self.mc) ** 2 + (v - self.v_vb) ** 2 < (self.r_vb + 5.0) ** 2) | (
@@ -597,6 +611,8 @@ class _Anatomy:
     def apex_ok(self, u: Any, v: Any, z: Any) -> Any:
         """The lung apices: above 80 % of the height each lung narrows to a dome."""
         s0 = 0.8
+        if np.all(z <= self.zb + s0 * self.H):
+            return np.True_
         top = np.where(u < self.mc, self.z_top, self.z_top - 6.0)
         t = np.clip((z - (self.zb + s0 * self.H)) / (top - (self.zb + s0 * self.H)), 0.0, 1.0)
         shrink = np.sqrt(np.maximum(1.0 - t * t, 0.0))
@@ -745,7 +761,7 @@ def _trees(anat: _Anatomy) -> list[_Tube]:
         la = L(hx - 0.1 * anat.heart_axes[0], hy + 0.75 * anat.heart_axes[1], hz + 0.25 * anat.heart_axes[2])
         tubes.append(_Tube(tuple(vein_hilum), tuple(la), 8.0, 9.0, blood, _S["great_vessel"], True))
         tubes.append(_Tube(tuple(carina), tuple(air_hilum), p.trachea_radius_mm * 0.8, p.trachea_radius_mm * 0.7, 30.0, _S["central_airway"], True, 0.8))
-        for kind, hilum, r_root in (("artery", art_hilum, 9.0), ("vein", vein_hilum, 8.0), ("airway", air_hilum, 6.5)):
+        for kind, hilum, r_root in (("artery", art_hilum, 7.5), ("vein", vein_hilum, 7.0), ("airway", air_hilum, 6.0)):
             n_pts = p.vessel_points if kind != "airway" else max(12, p.vessel_points // 8)
             pts = _lung_points(anat, _rng(p.seed, "tree-points", kind, str(left)), n_pts, left)
             if len(pts) < 2:
@@ -877,20 +893,41 @@ def _place_nodules(
 
 
 class _Fine:
-    """The oversampled grid: each slice is ``n_sub`` sub-planes across its thickness, sorted by z."""
+    """The oversampled grid: uniform planes ``step_mm`` apart (≤ 1.25 mm, a divisor of the slice
+    spacing) from which each slice averages those inside its thickness (a box slice-sensitivity
+    profile, the partial-volume effect of thick slices)."""
 
     def __init__(self, p: PhantomParams) -> None:
         nz, ny, nx = p.shape_zyx
-        self.n_sub = int(min(6, max(1, math.ceil(p.slice_thickness_mm / _SUBSLICE_MM - 1e-6))))
-        offs = ((np.arange(self.n_sub) + 0.5) / self.n_sub - 0.5) * p.slice_thickness_mm
-        z_slices = p.origin_lps_mm[2] + np.arange(nz) * p.slice_spacing_mm
-        z = (z_slices[:, None] + offs[None, :]).ravel()  # slice-major
-        self.order = np.argsort(z, kind="stable")
-        self.z = z[self.order]
+        dz, thick = p.slice_spacing_mm, p.slice_thickness_mm
+        m = max(1, math.ceil(dz / _SUBSLICE_MM - 1e-6))
+        if thick < dz:  # gaps between slices: sample the thickness itself finely enough
+            m = max(m, math.ceil(dz / max(thick / 2, 0.1)))
+        step = dz / m
+        self.step = step
+        z0 = p.origin_lps_mm[2]
+        # planes cover every slice's window [z_k - T/2, z_k + T/2] with one plane to spare
+        first = math.floor(-(thick / 2) / step - 0.5) - 1
+        last = math.ceil(((nz - 1) * dz + thick / 2) / step + 0.5) + 1
+        self.z = z0 + np.arange(first, last + 1) * step
+        centres = z0 + np.arange(nz) * dz
+        lo_w, hi_w = centres - thick / 2, centres + thick / 2
+        # weights[k] over planes [start[k], start[k] + width): overlap of the plane's extent with the window
+        p_lo = self.z - step / 2
+        p_hi = self.z + step / 2
+        self.start = np.searchsorted(p_hi, lo_w, side="right")
+        stop = np.searchsorted(p_lo, hi_w, side="left")
+        self.width = int(np.max(stop - self.start))
+        idx = self.start[:, None] + np.arange(self.width)[None, :]
+        idx = np.minimum(idx, len(self.z) - 1)
+        overlap = np.clip(np.minimum(p_hi[idx], hi_w[:, None]) - np.maximum(p_lo[idx], lo_w[:, None]), 0, None)
+        overlap[overlap < 1e-6 * step] = 0.0
+        self.weights = (overlap / overlap.sum(axis=1, keepdims=True)).astype(np.float32)
+        self.identity = m == 1 and math.isclose(thick, dz) and self.width == 1
         self.x = (p.origin_lps_mm[0] + np.arange(nx) * p.pixel_spacing_mm).astype(np.float32)
         self.y = (p.origin_lps_mm[1] + np.arange(ny) * p.pixel_spacing_mm).astype(np.float32)
         self.h = p.pixel_spacing_mm
-        self.shape = (len(z), ny, nx)
+        self.shape = (len(self.z), ny, nx)
 
     def box(self, lo: NDArray[np.float64], hi: NDArray[np.float64]) -> tuple[slice, slice, slice] | None:
         """Index ranges (fine plane, row, column) of the LPS box [lo, hi]; None when empty."""
@@ -943,7 +980,7 @@ def _render_anatomy(
         fat_mm = p.fat_mm * (1.0 + 0.35 * cv + 0.25 * cu * cu)
         skin_in = depth < p.skin_mm
         fat_in = depth < p.skin_mm + fat_mm
-        muscle_in = depth < p.skin_mm + fat_mm + p.muscle_mm * (1.0 + 1.2 * np.maximum(cv, 0.0) ** 2)
+        muscle_in = depth < p.skin_mm + fat_mm + anat.muscle_depth(u, cv)
         cav_d = anat.cavity_depth(u, v)
         texture = 6.0 * np.sin(u * 0.21 + wtex[0]) * np.sin(v * 0.17 + wtex[1]) * np.sin(z * 0.13 + wtex[2])
         h[body] = p.muscle_hu
@@ -954,6 +991,13 @@ def _render_anatomy(
         m = body & skin_in
         h[m] = p.skin_hu
         s_[m] = _S["skin"]
+        # scapulae: thin bone plates in the posterior-lateral muscles of the upper chest
+        s_rel = (z - anat.zb) / anat.H
+        fat_out = p.skin_mm + fat_mm
+        scap = body & (s_rel > 0.45) & (s_rel < 1.1) & (cv > 0.15) & (np.abs(cu) > 0.45) & (np.abs(cu) < 0.9)
+        scap &= (depth > fat_out + 2.0) & (depth < fat_out + 5.5)
+        h[scap] = p.cortex_hu * 0.75
+        s_[scap] = _S["bone"]
         # ribs in the wall band: obliques that descend anteriorly, cortex + marrow
         wall_band = body & ~muscle_in & (depth < cav_d)
         if wall_band.any():
@@ -990,8 +1034,12 @@ def _render_anatomy(
         h[liver] = p.liver_hu
         h[ab & ~liver] = p.liver_hu - 12.0
         s_[ab] = _S["abdomen"]
-        stomach_air = ab & ~liver & (v < -0.35 * anat.B) & (z > anat.diaphragm_z(u, v) - 25) & (u > anat.mc + 40)
-        h[stomach_air] = -990.0
+        # gastric fundus air under the left dome: a half-ellipsoid with a flat air-fluid level
+        if p.lung_gradient_hu > 20:
+            gz = anat.zb - p.left_dome_drop_mm - 22.0
+            gq = ((u - anat.mc - 0.42 * anat.A) / 38.0) ** 2 + ((v + 0.15 * anat.B) / 30.0) ** 2 + ((z - gz) / 16.0) ** 2
+            stomach_air = ab & ~liver & (gq < 1.0) & (z > gz)
+            h[stomach_air] = -990.0
         # heart: myocardium shell, blood inside, epicardial fat outside
         heart = cav & (hq < 1.0)
         h[heart] = p.myocardium_hu
@@ -1122,29 +1170,32 @@ def render_phantom(params: PhantomParams) -> Phantom:
     _render_nodules(p.nodules, fine, hu, lung, ids, struct)
 
     nz, ny, nx = p.shape_zyx
-    n_sub = fine.n_sub
-    if n_sub == 1 and np.all(fine.order == np.arange(len(fine.order))):
-        hu_s, lung_s, ids_s, struct_s = hu, lung, ids, struct
-        nod_frac = ids > 0
-    else:
-        inv = np.empty_like(fine.order)
-        inv[fine.order] = np.arange(len(fine.order))
-        # fine plane of (slice k, sub s) sits at inv[k * n_sub + s]
-        idx = inv.reshape(nz, n_sub)
-        hu_s = np.zeros((nz, ny, nx), dtype=np.float32)
-        lung_c = np.zeros((nz, ny, nx), dtype=np.uint8)
-        nod_c = np.zeros((nz, ny, nx), dtype=np.uint8)
-        ids_s = np.zeros((nz, ny, nx), dtype=np.uint8)
-        for s in range(n_sub):
-            hu_s += hu[idx[:, s]]
-            lung_c += lung[idx[:, s]]
-            nod_c += ids[idx[:, s]] > 0
-            np.maximum(ids_s, ids[idx[:, s]], out=ids_s)
-        hu_s /= n_sub
-        lung_s = lung_c * 2 >= n_sub
-        nod_frac = nod_c * 2 >= n_sub
-        struct_s = struct[idx[:, n_sub // 2]]
-        del hu, lung, ids, struct
+    hu_s = np.zeros((nz, ny, nx), dtype=np.float32)
+    lung_f = np.zeros((ny, nx), dtype=np.float32)
+    nod_f = np.zeros((ny, nx), dtype=np.float32)
+    lung_s = np.zeros((nz, ny, nx), dtype=bool)
+    nod_frac = np.zeros((nz, ny, nx), dtype=bool)
+    ids_s = np.zeros((nz, ny, nx), dtype=np.uint8)
+    struct_s = np.zeros((nz, ny, nx), dtype=np.uint8)
+    for k in range(nz):
+        lung_f[...] = 0.0
+        nod_f[...] = 0.0
+        best = -1.0
+        for w_i in range(fine.width):
+            w = float(fine.weights[k, w_i])
+            if w <= 0.0:
+                continue
+            q = int(fine.start[k] + w_i)
+            hu_s[k] += w * hu[q]
+            lung_f += w * lung[q]
+            nod_f += w * (ids[q] > 0)
+            np.maximum(ids_s[k], ids[q], out=ids_s[k])
+            if w > best:  # anatomy names from the plane that weighs most
+                best = w
+                struct_s[k] = struct[q]
+        lung_s[k] = lung_f >= 0.5
+        nod_frac[k] = nod_f >= 0.5
+    del hu, lung, ids, struct
     labels = np.zeros((nz, ny, nx), dtype=np.uint8)
     labels[lung_s] = LABEL_LUNG
     nod = nod_frac & lung_s
