@@ -9,6 +9,7 @@ tested on exact, known geometry.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,9 @@ from models.spec import (
     WeightsSpec,
 )
 from pipeline.types import SourceFrame, SourceSeries, Volume
+from tests.support import require_tool
 
+JAPANESE_NAME = "山田^太郎"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 AXIAL_IOP = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -335,3 +338,14 @@ def chest_model_spec(
         outputs=OutputsSpec(),
         bundle_dir=Path("."),
     )
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """Run dciodvfy (dicom3tools) on ``path``; print its warnings, return its "Error"/"Abort" lines."""
+    tool = require_tool("dciodvfy")
+    completed = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+    lines = (completed.stdout + completed.stderr).splitlines()
+    for line in lines:
+        if line.startswith("Warning"):
+            print(f"dciodvfy {path.name}: {line}")
+    return [line for line in lines if line.startswith(("Error", "Abort"))]

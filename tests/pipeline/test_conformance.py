@@ -9,7 +9,6 @@ warnings printed.
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,27 +24,14 @@ from pipeline.postprocess import postprocess
 from pipeline.types import SegmentationResult, SourceSeries
 from pipeline.uids import ResultUids, plan_result_uids
 from tests.pipeline.synthetic_chest import (
+    JAPANESE_NAME,
     ChestSeries,
+    dciodvfy_errors,
     chest_model_spec,
     probabilities_from_truth,
     source_series_from_chest,
     write_chest_series,
 )
-from tests.support import require_tool
-
-JAPANESE_NAME = "山田^太郎"
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """Run dciodvfy on ``path``; print its warnings and return its error lines."""
-    tool = require_tool("dciodvfy")
-    completed = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
-    lines = (completed.stdout + completed.stderr).splitlines()
-    warnings = [line for line in lines if line.startswith("Warning")]
-    for line in warnings:
-        print(f"dciodvfy {path.name}: {line}")
-    return [line for line in lines if line.startswith(("Error", "Abort"))]
-
 
 @dataclass
 class Encoded:
