@@ -21,6 +21,7 @@ Pure: returns a dataset; writing it is `pipeline.run`'s job.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import highdicom as hd
@@ -73,6 +74,7 @@ def encode_sr(
     series_description: str | None = None,
     series_number: int = SR_SERIES_NUMBER,
     instance_number: int = 1,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report of one analysis as a Comprehensive 3D SR.
 
@@ -93,6 +95,9 @@ def encode_sr(
         The SEG's segment layout; recomputed from ``result`` when omitted (it is deterministic).
     series_description
         Series Description (0008,103E); default ``spec.outputs.sr_series_description``.
+    previous_versions
+        Earlier SRs of the same study this one replaces (a re-run after late instances arrived); they
+        are named in the Predecessor Documents Sequence (0040,A360).
 
     Returns
     -------
@@ -141,6 +146,7 @@ def encode_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
+        previous_versions=list(previous_versions) or None,
     )
     sr.SeriesDescription = (series_description or spec.outputs.sr_series_description)[:64]
     log.info(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 
 from pipeline.encode_seg import encode_seg, plan_segments
@@ -120,6 +121,7 @@ def run_job(
     device: str = "auto",
     seg_series_description: str | None = None,
     sr_series_description: str | None = None,
+    predecessor_sr_paths: Sequence[Path] = (),
 ) -> JobOutput:
     """Analyse one series and write its SEG and SR into ``out_dir``.
 
@@ -140,6 +142,9 @@ def run_job(
         ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
     seg_series_description, sr_series_description
         Series Description of the outputs; None or empty = the model manifest's ``[outputs]``.
+    predecessor_sr_paths
+        SR files of an earlier analysis of the same study that this one supersedes (the study changed,
+        so the result UIDs are new); the new SR names them as predecessor documents.
 
     Returns
     -------
@@ -197,8 +202,16 @@ def run_job(
 
     layout = plan_segments(result, uids)
     seg = encode_seg(source, result, model, uids, layout=layout, series_description=seg_series_description or None)
+    previous = [pydicom.dcmread(p, stop_before_pixels=True) for p in predecessor_sr_paths]
     sr = encode_sr(
-        source, result, seg, model, uids, layout=layout, series_description=sr_series_description or None
+        source,
+        result,
+        seg,
+        model,
+        uids,
+        layout=layout,
+        series_description=sr_series_description or None,
+        previous_versions=previous,
     )
     t_encode = time.perf_counter()
 

@@ -251,3 +251,16 @@ def test_same_input_gives_identical_uids_and_content_twice(tmp_path: Path) -> No
     assert seg_again.SOPInstanceUID == first.SOPInstanceUID
     assert seg_again.SeriesInstanceUID == first.SeriesInstanceUID
     assert seg_again.PixelData == first.PixelData
+
+
+def test_sr_of_a_rerun_names_its_predecessor(tmp_path: Path) -> None:
+    first = encode_chest(tmp_path / "a")
+    previous = pydicom.dcmread(first.sr_path)
+    uids = plan_result_uids([*(f.sop_instance_uid for f in first.source.frames), "1.2.3.999"], "chest-test", "0.0.1")
+    seg = encode_seg(first.source, first.result, first.spec, uids)
+    sr = encode_sr(first.source, first.result, seg, first.spec, uids, previous_versions=[previous])
+    path = tmp_path / "sr2.dcm"
+    sr.save_as(path)
+    (study,) = pydicom.dcmread(path).PredecessorDocumentsSequence
+    assert study.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == previous.SOPInstanceUID
+    assert dciodvfy_errors(path) == []
