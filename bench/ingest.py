@@ -555,10 +555,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                           flush=True)
         ordered = [results[(r.name, mode)] for mode, _ in modes for r in receivers]
         ratios = print_table(ordered)
-        print("\nNote: the machine's CPU is shared; figures are noisy. Medians of the runs above.")
+        load = os.getloadavg()
+        print(f"\nNote: medians of the runs above; load average now {load[0]:.1f} on {os.cpu_count()} CPUs "
+              "(other work on the machine makes figures noisy).")
         report = {
             "when_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "cpu_count": os.cpu_count(),
+            "load_average_1_5_15": [round(x, 2) for x in load],
             "series": {"slices": args.slices, "rows": args.size, "columns": args.size, "files": len(files),
                        "bytes": total_bytes, "transfer_syntax": "Explicit VR Little Endian"},
             "senders": {"tool": "DCMTK storescu -R", "env": {"TCP_NODELAY": "1"}, "max_pdu_bytes": args.pdu,
