@@ -35,6 +35,7 @@ none.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import math
 import sys
@@ -713,9 +714,9 @@ def _grow_tree(
         r_end = r * 0.93
         segments.append((start, end, r, r_end, gen))
         spread = pts - centroid
-        axis = np.linalg.svd(spread, full_matrices=False)[2][0] if n > 2 else spread[0]
+        axis = np.linalg.eigh(spread.T @ spread)[1][:, -1] if n > 2 else spread[0]
         proj = spread @ axis
-        cut = np.median(proj) + rng.normal(0, 0.1) * proj.std()
+        cut = rng.normal(0, 0.1) * proj.std()  # about the centroid: near-even splits, cheap
         lo, hi = pts[proj <= cut], pts[proj > cut]
         if len(lo) == 0 or len(hi) == 0:
             lo, hi = pts[: n // 2], pts[n // 2 :]
@@ -724,9 +725,14 @@ def _grow_tree(
     return segments
 
 
-def _trees(anat: _Anatomy) -> list[_Tube]:
+def _trees(anat: _Anatomy) -> tuple[_Tube, ...]:
     """Vessel and airway tubes: great vessels, trachea and bronchi, pulmonary arteries and veins."""
-    p = anat.p
+    return _trees_cached(replace(anat.p, nodules=()))
+
+
+@functools.lru_cache(maxsize=4)
+def _trees_cached(p: PhantomParams) -> tuple[_Tube, ...]:
+    anat = _Anatomy(p)
     rng = _rng(p.seed, "trees")
     tubes: list[_Tube] = []
     L = anat.body_to_lps
@@ -773,7 +779,7 @@ def _trees(anat: _Anatomy) -> list[_Tube]:
                     tubes.append(_Tube(tuple(a), tuple(b), r0, max(r1, 1.0), 30.0, _S["airway"], gen == 0, 0.72))
                 else:
                     tubes.append(_Tube(tuple(a), tuple(b), r0, r1, blood, _S["vessel"], gen == 0))
-    return tubes
+    return tuple(tubes)
 
 
 # ---------------------------------------------------------------------------------- nodule placement
@@ -1071,11 +1077,24 @@ def _render_anatomy(
 def _render_tubes(
     tubes: Sequence[_Tube], fine: _Fine, hu: NDArray[np.float32], lung: NDArray[np.bool_], struct: NDArray[np.uint8]
 ) -> None:
-    """Draw each tube with an anti-aliased edge (one pixel wide), blending its HU over what is there."""
-    for t in tubes:
+    """Draw each tube with an anti-aliased edge (one pixel wide), blending its HU over what is there.
+
+    A tube thinner than a pixel gets a cone profile whose cross-section integrates to π r² (its
+    partial volume), not a one-pixel-wide edge that would make it look as thick as a pixel.
+    """
+    if not tubes:
+        return
+    ends = np.array([(*t.a, *t.b, max(t.r0, t.r1)) for t in tubes])
+    lo = np.minimum(ends[:, :3], ends[:, 3:6]) - ends[:, 6:7] - fine.h
+    hi = np.maximum(ends[:, :3], ends[:, 3:6]) + ends[:, 6:7] + fine.h
+    grid_lo = np.array([fine.x[0], fine.y[0], fine.z[0]])
+    grid_hi = np.array([fine.x[-1], fine.y[-1], fine.z[-1]])
+    keep = np.all((hi >= grid_lo) & (lo <= grid_hi), axis=1) & (ends[:, 6] >= 0.08 * fine.h)
+    half = np.float32(fine.h / 2)
+    for n in np.nonzero(keep)[0]:
+        t = tubes[int(n)]
         a, b = np.array(t.a), np.array(t.b)
-        rmax = max(t.r0, t.r1)
-        box = fine.box(np.minimum(a, b) - rmax - fine.h, np.maximum(a, b) + rmax + fine.h)
+        box = fine.box(lo[n], hi[n])
         if box is None:
             continue
         ks, js, is_ = box
@@ -1090,7 +1109,10 @@ def _render_tubes(
         dz = pz - tt * ab[2]
         dist = np.sqrt(dx * dx + dy * dy + dz * dz)
         radius = t.r0 + tt * (t.r1 - t.r0)
-        occ = np.clip((radius - dist) / fine.h + 0.5, 0.0, 1.0)
+        if max(t.r0, t.r1) >= half:
+            occ = np.clip((radius - dist) / fine.h + 0.5, 0.0, 1.0)
+        else:
+            occ = (3.0 / fine.h**2) * radius * radius * np.clip(1.0 - dist / fine.h, 0.0, 1.0)
         if not occ.any():
             continue
         h = hu[box]
