@@ -41,6 +41,30 @@ KNOWN_PREPROCESS_OPS: tuple[str, ...] = (
     "pad_to_multiple",
 )
 
+#: The keys each manifest table may hold, as (required, optional). "" is the top level, "labels" each
+#: ``[[labels]]`` table, "preprocess" each ``[[preprocess]]`` table (its other keys are the operation's
+#: parameters), "code" every coded concept (family, category, type, finding_site, study_finding.code).
+#: ``architecture.params`` holds the network's constructor arguments (checked by `models.networks`).
+MANIFEST_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "": (frozenset({"name", "version", "family", "architecture", "weights", "series", "inference",
+                    "labels"}),
+         frozenset({"description", "preprocess", "segmentation", "study_finding", "outputs"})),
+    "architecture": (frozenset({"name"}), frozenset({"params"})),
+    "weights": (frozenset({"file", "sha256"}), frozenset({"format"})),
+    "series": (frozenset({"modality"}),
+               frozenset({"body_part", "min_slices", "max_slice_thickness_mm", "image_type_excludes",
+                          "series_description_regex"})),
+    "preprocess": (frozenset({"op"}), frozenset()),
+    "inference": (frozenset({"patch_size_zyx"}),
+                  frozenset({"overlap", "batch_size", "gaussian_sigma_scale"})),
+    "labels": (frozenset({"value", "name", "category", "type", "color_rgb"}),
+               frozenset({"threshold", "min_size_mm3", "is_finding", "finding_site"})),
+    "segmentation": (frozenset(), frozenset({"type"})),
+    "study_finding": (frozenset({"name", "code"}), frozenset({"threshold", "source"})),
+    "outputs": (frozenset(), frozenset({"seg_series_description", "sr_series_description"})),
+    "code": (frozenset({"value", "scheme", "meaning"}), frozenset()),
+}
+
 DEFAULT_SR_SERIES_DESCRIPTION = "Measurement report - NOT FOR DIAGNOSTIC USE"
 DEFAULT_SEG_SERIES_DESCRIPTION = "Segmentation - NOT FOR DIAGNOSTIC USE"
 
@@ -341,17 +365,16 @@ def parse_spec(data: Mapping[str, Any], *, bundle_dir: Path, source: str = MANIF
         Naming ``source`` and the dotted key that is wrong.
     """
     p = _Parser(source)
-    top = p.table(data, "", required={"name", "version", "family", "architecture", "weights",
-                                      "series", "inference", "labels"},
-                  optional={"description", "preprocess", "segmentation", "study_finding", "outputs"})
+    top = p.table(data, "", section="")
     name = p.string(top, "name")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         p.fail("name", "must be letters, digits, '_', '-' or '.' (it names the model in logs and CLIs)")
     version = p.string(top, "version")
     description = p.string(top, "description", default="")
     family = p.code(top["family"], "family")
-    architecture = _parse_architecture(p, top["architecture"])
     weights = _parse_weights(p, top["weights"])
+    architecture = _parse_architecture(p, top["architecture"],
+                                       buildable=weights.format is WeightsFormat.STATE_DICT)
     series = _parse_series(p, top["series"])
     preprocess = _parse_preprocess(p, top.get("preprocess", []))
     inference = _parse_inference(p, top["inference"])
@@ -371,17 +394,18 @@ def parse_spec(data: Mapping[str, Any], *, bundle_dir: Path, source: str = MANIF
                      bundle_dir=Path(bundle_dir))
 
 
-def _parse_architecture(p: _Parser, raw: Any) -> ArchitectureSpec:
-    t = p.table(raw, "architecture", required={"name"}, optional={"params"})
+def _parse_architecture(p: _Parser, raw: Any, *, buildable: bool) -> ArchitectureSpec:
+    """``buildable``: state_dict weights need one of our networks; TorchScript carries its own."""
+    t = p.table(raw, "architecture", section="architecture")
     name = p.string(t, "name", prefix="architecture")
-    if name not in KNOWN_ARCHITECTURES:
+    if buildable and name not in KNOWN_ARCHITECTURES:
         p.fail("architecture.name", f"{name!r} is unknown; use one of {', '.join(KNOWN_ARCHITECTURES)}")
     params = p.table(t.get("params", {}), "architecture.params", open_keys=True)
     return ArchitectureSpec(name=name, params=_freeze(params))
 
 
 def _parse_weights(p: _Parser, raw: Any) -> WeightsSpec:
-    t = p.table(raw, "weights", required={"file", "sha256"}, optional={"format"})
+    t = p.table(raw, "weights", section="weights")
     file = p.string(t, "file", prefix="weights")
     if Path(file).is_absolute() or ".." in Path(file).parts:
         p.fail("weights.file", "must be a file name inside the bundle folder")
@@ -393,9 +417,7 @@ def _parse_weights(p: _Parser, raw: Any) -> WeightsSpec:
 
 
 def _parse_series(p: _Parser, raw: Any) -> SeriesCriteriaSpec:
-    t = p.table(raw, "series", required={"modality"},
-                optional={"body_part", "min_slices", "max_slice_thickness_mm",
-                          "image_type_excludes", "series_description_regex"})
+    t = p.table(raw, "series", section="series")
     modality = tuple(v.upper() for v in p.strings(t, "modality", prefix="series"))
     body_part = tuple(v.upper() for v in p.strings(t, "body_part", prefix="series", default=()))
     min_slices = p.integer(t, "min_slices", prefix="series", default=1, minimum=1)
@@ -419,7 +441,7 @@ def _parse_preprocess(p: _Parser, raw: Any) -> tuple[StepSpec, ...]:
     steps = []
     for n, item in enumerate(raw):
         key = f"preprocess[{n}]"
-        t = p.table(item, key, required={"op"}, open_keys=True)
+        t = p.table(item, key, section="preprocess", open_keys=True)
         op = p.string(t, "op", prefix=key)
         if op not in KNOWN_PREPROCESS_OPS:
             p.fail(f"{key}.op", f"{op!r} is unknown; use one of {', '.join(KNOWN_PREPROCESS_OPS)}")
@@ -429,8 +451,7 @@ def _parse_preprocess(p: _Parser, raw: Any) -> tuple[StepSpec, ...]:
 
 
 def _parse_inference(p: _Parser, raw: Any) -> InferenceSpec:
-    t = p.table(raw, "inference", required={"patch_size_zyx"},
-                optional={"overlap", "batch_size", "gaussian_sigma_scale"})
+    t = p.table(raw, "inference", section="inference")
     patch = t["patch_size_zyx"]
     if (not isinstance(patch, list) or len(patch) != 3
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch)):
@@ -450,8 +471,7 @@ def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:
     labels: list[LabelSpec] = []
     for n, item in enumerate(raw):
         key = f"labels[{n}]"
-        t = p.table(item, key, required={"value", "name", "category", "type", "color_rgb"},
-                    optional={"threshold", "min_size_mm3", "is_finding", "finding_site"})
+        t = p.table(item, key, section="labels")
         value = p.integer(t, "value", prefix=key, minimum=1, maximum=255)
         color = t["color_rgb"]
         if (not isinstance(color, list) or len(color) != 3
@@ -483,13 +503,13 @@ def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:
 
 
 def _parse_segmentation(p: _Parser, raw: Any) -> SegmentationSpec:
-    t = p.table(raw, "segmentation", optional={"type"})
+    t = p.table(raw, "segmentation", section="segmentation")
     return SegmentationSpec(type=p.enum(t, "type", SegmentationType, prefix="segmentation",
                                         default=SegmentationType.BINARY))
 
 
 def _parse_study_finding(p: _Parser, raw: Any) -> StudyFindingSpec:
-    t = p.table(raw, "study_finding", required={"name", "code"}, optional={"threshold", "source"})
+    t = p.table(raw, "study_finding", section="study_finding")
     threshold = p.number(t, "threshold", prefix="study_finding", default=0.5)
     if not 0.0 <= threshold <= 1.0:
         p.fail("study_finding.threshold", "must be in [0, 1]")
@@ -503,7 +523,7 @@ def _parse_study_finding(p: _Parser, raw: Any) -> StudyFindingSpec:
 
 
 def _parse_outputs(p: _Parser, raw: Any) -> OutputsSpec:
-    t = p.table(raw, "outputs", optional={"seg_series_description", "sr_series_description"})
+    t = p.table(raw, "outputs", section="outputs")
     seg = p.string(t, "seg_series_description", prefix="outputs",
                    default=DEFAULT_SEG_SERIES_DESCRIPTION)
     sr = p.string(t, "sr_series_description", prefix="outputs", default=DEFAULT_SR_SERIES_DESCRIPTION)
@@ -534,8 +554,9 @@ class _Parser:
     def fail(self, key: str, message: str) -> None:
         raise SpecError(f"{self.source}: {key} {message}")
 
-    def table(self, raw: Any, key: str, *, required: set[str] = frozenset(),  # type: ignore[assignment]
-              optional: set[str] = frozenset(), open_keys: bool = False) -> dict[str, Any]:  # type: ignore[assignment]
+    def table(self, raw: Any, key: str, *, section: str | None = None,
+              open_keys: bool = False) -> dict[str, Any]:
+        required, optional = MANIFEST_KEYS[section] if section is not None else (frozenset(), frozenset())
         where = key or "top level"
         if not isinstance(raw, dict):
             self.fail(where, "must be a table")
@@ -615,7 +636,7 @@ class _Parser:
             self.fail(_dotted(prefix, key), f"must be one of {allowed}, got {value!r}")
 
     def code(self, raw: Any, key: str) -> CodeSpec:
-        t = self.table(raw, key, required={"value", "scheme", "meaning"})
+        t = self.table(raw, key, section="code")
         return CodeSpec(value=self.string(t, "value", prefix=key),
                         scheme=self.string(t, "scheme", prefix=key),
                         meaning=self.string(t, "meaning", prefix=key))

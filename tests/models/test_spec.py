@@ -214,3 +214,13 @@ def test_manifest_and_routing_do_not_import_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_torchscript_bundle_may_name_its_own_architecture(manifest: dict[str, Any],
+                                                          bundle: Path) -> None:
+    manifest["weights"]["format"] = "torchscript"
+    manifest["architecture"] = {"name": "hospital_resunet", "params": {"note": "scripted"}}
+    assert parse(manifest, bundle).architecture.name == "hospital_resunet"
+    manifest["weights"]["format"] = "state_dict"
+    with pytest.raises(SpecError, match="architecture.name 'hospital_resunet' is unknown"):
+        parse(manifest, bundle)
