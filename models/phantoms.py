@@ -86,7 +86,7 @@ MAX_HU = 3071
 #: Above this many fine voxels a volume is built in slabs (bounded memory).
 _SLAB_PLANES = 8
 #: Spacing (at most) of the planes the anatomy is sampled on before slices average them, in mm.
-_SUBSLICE_MM = 1.25
+_SUBSLICE_MM = 1.6
 
 
 class PhantomError(ValueError):
@@ -899,7 +899,7 @@ def _place_nodules(
 
 
 class _Fine:
-    """The oversampled grid: uniform planes ``step_mm`` apart (≤ 1.25 mm, a divisor of the slice
+    """The oversampled grid: uniform planes ``step_mm`` apart (≤ 1.6 mm, a divisor of the slice
     spacing) from which each slice averages those inside its thickness (a box slice-sensitivity
     profile, the partial-volume effect of thick slices)."""
 
@@ -1353,3 +1353,86 @@ def write_phantom_series(phantom: Phantom, out_dir: Path, **kwargs: Any) -> list
     from models.phantom_dicom import write_phantom_series as _write
 
     return _write(phantom, out_dir, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _triple(text: str, kind: type) -> tuple[Any, Any, Any]:
+    parts = [kind(v) for v in text.replace("x", ",").split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three values like 300,512,512, got {text!r}")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m models.phantoms",
+        description="Generate a synthetic chest CT phantom and write it as a DICOM CT series.",
+    )
+    parser.add_argument("--seed", type=int, required=True, help="generator seed (same seed, same files)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the series (created)")
+    parser.add_argument("--shape", type=lambda t: _triple(t, int), help="slices,rows,columns (e.g. 300,512,512)")
+    parser.add_argument("--spacing", type=lambda t: _triple(t, float), help="slice,row,column spacing in mm")
+    parser.add_argument("--thickness", type=float, help="slice thickness in mm")
+    parser.add_argument("--nodules", type=int, help="exact number of nodules (default: drawn, 0-5)")
+    parser.add_argument("--noise", type=float, help="noise standard deviation in HU")
+    parser.add_argument(
+        "--transfer-syntax",
+        default="1.2.840.10008.1.2.1",
+        help="transfer syntax UID (Explicit VR LE default; RLE, JPEG 2000 or JPEG-LS lossless)",
+    )
+    parser.add_argument("--patient-name", default="PHANTOM^CHEST")
+    parser.add_argument("--truth", type=Path, help="also write the labels and nodule truth to this .npz file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: generate, write, print one ``key=value`` summary line and one line per nodule."""
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        phantom = generate_phantom(
+            args.seed,
+            shape_zyx=args.shape,
+            spacing_mm=args.spacing,
+            slice_thickness_mm=args.thickness,
+            nodules=args.nodules,
+            noise_sigma_hu=args.noise,
+        )
+        t1 = time.perf_counter()
+        paths = write_phantom_series(
+            phantom, args.out, transfer_syntax_uid=args.transfer_syntax, patient_name=args.patient_name
+        )
+    except ValueError as exc:  # PhantomError (also when this module runs as __main__)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    t2 = time.perf_counter()
+    if args.truth is not None:
+        args.truth.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            args.truth,
+            labels_zyx=phantom.labels_zyx,
+            nodule_ids_zyx=phantom.nodule_ids_zyx,
+            affine_lps=phantom.affine_lps,
+            nodule_centers_lps_mm=np.array([n.center_lps_mm for n in phantom.nodules]).reshape(-1, 3),
+            nodule_diameters_mm=np.array([n.diameter_mm for n in phantom.nodules]),
+        )
+    nz, ny, nx = phantom.shape_zyx
+    print(
+        f"event=phantom_written seed={args.seed} shape={nz}x{ny}x{nx} "
+        f"spacing_mm={','.join(f'{s:.3f}' for s in phantom.spacing_mm)} "
+        f"thickness_mm={phantom.slice_thickness_mm:.3f} files={len(paths)} nodules={len(phantom.nodules)} "
+        f"generate_seconds={t1 - t0:.2f} write_seconds={t2 - t1:.2f} out={args.out}"
+    )
+    for n in phantom.nodules:
+        x, y, z = n.center_lps_mm
+        print(
+            f"nodule={n.index} kind={n.kind} attached={n.attached} diameter_mm={n.diameter_mm:.1f} "
+            f"volume_ml={n.volume_ml:.3f} center_lps_mm={x:.1f},{y:.1f},{z:.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
