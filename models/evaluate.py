@@ -1,0 +1,201 @@
+"""Evaluate the default model and the classical baseline on held-out phantoms (``make evaluate``).
+
+Held-out phantoms use seeds no training or validation case uses (`EVALUATION_SEED_BASE`), with the
+generator's full variation of geometry, anatomy, intensities, noise and nodules. For each one, in the
+same run:
+
+- the CNN: the bundle's plan → sliding-window inference → probabilities back on the source grid →
+  postprocessing (exactly `pipeline.run.segment_volume`, what `edge-node analyze` runs);
+- the baseline: `pipeline.preprocess.segment_lungs_classical` for the lungs and
+  `models.baseline.detect_nodules_classical` (threshold + region growing + size/shape filter) for the
+  nodules.
+
+Metrics on the source grid: lung Dice, nodule Dice (scans with nodules), per-nodule sensitivity by
+size (< 6, 6–10, > 10 mm and ≥ 6 mm), false positives per scan, study-level ROC AUC. The table is
+printed, written as JSON, and (with ``--write-card``) into the model card between the
+``<!-- metrics:begin -->`` and ``<!-- metrics:end -->`` markers. This is an offline tool that uses
+`pipeline` like `models.train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from models.baseline import detect_nodules_classical
+from models.metrics import DetectionResult, TrueNodule, dice, match_detections, roc_auc, sensitivity_by_size
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_SEED_BASE = 30_000
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "chest_ct_nodules"
+CARD_BEGIN, CARD_END = "<!-- metrics:begin -->", "<!-- metrics:end -->"
+
+
+@dataclass(frozen=True, slots=True)
+class CaseScore:
+    """One method's result on one phantom."""
+
+    lung_dice: float
+    nodule_dice: float | None
+    detection: DetectionResult
+    study_score: float
+    has_nodule: bool
+
+
+def evaluation_shape(seed: int) -> tuple[int, int, int]:
+    """Acquisitions of the held-out set: 256–512 matrices, 40–200 slices (other draws than training)."""
+    rng = np.random.default_rng([seed, 11])
+    matrix = int(rng.choice([256, 320, 384, 448, 512]))
+    slices = int(rng.integers(40, 201))
+    return (slices, matrix, matrix)
+
+
+def evaluate_case(seed: int, bundle: Path) -> dict[str, CaseScore]:
+    """Generate the held-out phantom of ``seed`` and score the CNN and the baseline on it."""
+    from models.loader import load_model, resolve_device
+    from models.phantoms import generate_phantom
+    from models.spec import load_spec
+    from pipeline.preprocess import segment_lungs_classical
+    from pipeline.run import segment_volume
+    from pipeline.types import Volume
+
+    phantom = generate_phantom(seed, shape_zyx=evaluation_shape(seed))
+    volume = Volume(phantom.hu_zyx.astype(np.float32), phantom.affine_lps)
+    truth_lung = phantom.labels_zyx >= 1
+    truth_nodule = phantom.labels_zyx == 2
+    nodules = [TrueNodule(tuple(n.center_zyx_vox), n.diameter_mm) for n in phantom.nodules]  # type: ignore[arg-type]
+    has_nodule = bool(truth_nodule.any())
+
+    spec = load_spec(bundle)
+    handle = load_model(spec, resolve_device("cpu"))
+    result = segment_volume(volume, spec, handle)
+    label_map = np.asarray(result.label_map.array_zyx)
+    cnn_nodule = label_map == 2
+    cnn_score = result.study_finding.score if result.study_finding is not None else 0.0
+    cnn = CaseScore(
+        lung_dice=dice(label_map >= 1, truth_lung),
+        nodule_dice=dice(cnn_nodule, truth_nodule) if has_nodule else None,
+        detection=match_detections(cnn_nodule, truth_nodule, nodules),
+        study_score=float(cnn_score),
+        has_nodule=has_nodule,
+    )
+
+    lung_mask = segment_lungs_classical(volume)
+    base = detect_nodules_classical(volume.array_zyx, lung_mask, volume.spacing_mm)
+    baseline = CaseScore(
+        lung_dice=dice(lung_mask | base.nodule_mask, truth_lung),
+        nodule_dice=dice(base.nodule_mask, truth_nodule) if has_nodule else None,
+        detection=match_detections(base.nodule_mask, truth_nodule, nodules),
+        study_score=base.study_score,
+        has_nodule=has_nodule,
+    )
+    return {"cnn": cnn, "baseline": baseline}
+
+
+def summarize(scores: Sequence[CaseScore]) -> dict[str, Any]:
+    """Aggregate per-case scores of one method into the table's figures."""
+    nodule_dices = [s.nodule_dice for s in scores if s.nodule_dice is not None]
+    sensitivity = sensitivity_by_size([s.detection for s in scores])
+    return {
+        "cases": len(scores),
+        "lung_dice": float(np.mean([s.lung_dice for s in scores])),
+        "nodule_dice": float(np.mean(nodule_dices)) if nodule_dices else float("nan"),
+        "sensitivity": {k: {"value": v, "nodules": n} for k, (v, n) in sensitivity.items()},
+        "false_positives_per_scan": float(np.mean([s.detection.false_positives for s in scores])),
+        "study_auc": roc_auc([s.study_score for s in scores], [s.has_nodule for s in scores]),
+    }
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A Markdown table: one row per metric, one column per method, with the goal."""
+    cnn, base = report["cnn"], report["baseline"]
+    rows = [
+        ("Lung Dice", "≥ 0.95", cnn["lung_dice"], base["lung_dice"]),
+        ("Nodule Dice (scans with nodules)", "≥ 0.75", cnn["nodule_dice"], base["nodule_dice"]),
+    ]
+    for key, label in (("<6mm", "< 6 mm"), ("6-10mm", "6–10 mm"), (">10mm", "> 10 mm"), (">=6mm", "≥ 6 mm")):
+        goal = "≥ 0.90" if key == ">=6mm" else ""
+        n = cnn["sensitivity"][key]["nodules"]
+        rows.append((f"Sensitivity {label} (n={n})", goal, cnn["sensitivity"][key]["value"],
+                     base["sensitivity"][key]["value"]))
+    rows.append(("False positives per scan", "≤ 1", cnn["false_positives_per_scan"],
+                 base["false_positives_per_scan"]))
+    rows.append(("Study-level AUC (nodule present)", "≥ 0.95", cnn["study_auc"], base["study_auc"]))
+    lines = ["| Metric | Goal | CNN | Classical baseline |", "|---|---|---|---|"]
+    lines += [f"| {name} | {goal} | {_fmt(c)} | {_fmt(b)} |" for name, goal, c, b in rows]
+    return "\n".join(lines)
+
+
+def write_card(card: Path, report: dict[str, Any]) -> None:
+    """Replace the metrics section of the model card (between the markers) with this run's table."""
+    text = card.read_text(encoding="utf-8")
+    begin, end = text.find(CARD_BEGIN), text.find(CARD_END)
+    if begin < 0 or end < begin:
+        raise RuntimeError(f"{card} has no {CARD_BEGIN} … {CARD_END} section to fill")
+    block = (f"{CARD_BEGIN}\n{report['cases']} held-out phantoms (seeds {report['seeds'][0]}–{report['seeds'][-1]}), "
+             f"{report['nodules']} nodules, {report['scans_with_nodules']} scans with nodules; "
+             f"`make evaluate` ({report['minutes']} min on {report['device']}).\n\n{format_table(report)}\n")
+    card.write_text(text[:begin] + block + text[end:], encoding="utf-8")
+
+
+def evaluate(bundle: Path, cases: int, workers: int) -> dict[str, Any]:
+    """Evaluate ``cases`` held-out phantoms with ``workers`` processes; return the report."""
+    seeds = [EVALUATION_SEED_BASE + i for i in range(cases)]
+    started = time.perf_counter()
+    results: list[dict[str, CaseScore]] = []
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, result in enumerate(pool.map(evaluate_case, seeds, [bundle] * len(seeds)), start=1):
+            results.append(result)
+            logger.info("event=evaluated case=%d/%d cnn_lung_dice=%.3f cnn_fp=%d", i, len(seeds),
+                        result["cnn"].lung_dice, result["cnn"].detection.false_positives)
+    report: dict[str, Any] = {
+        "cases": cases,
+        "seeds": seeds,
+        "nodules": sum(len(r["cnn"].detection.hits) for r in results),
+        "scans_with_nodules": sum(r["cnn"].has_nodule for r in results),
+        "cnn": summarize([r["cnn"] for r in results]),
+        "baseline": summarize([r["baseline"] for r in results]),
+        "minutes": round((time.perf_counter() - started) / 60.0, 1),
+        "device": f"CPU, {workers} worker process(es)",
+    }
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    parser.add_argument("--cases", type=int, default=50, help="held-out phantoms (default 50)")
+    parser.add_argument("--workers", type=int, default=2, help="processes (each runs one case)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--write-card", action="store_true", help="write the table into the bundle's README.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    import torch
+
+    torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // max(1, args.workers)))
+    report = evaluate(args.bundle, args.cases, args.workers)
+    print(format_table(report))
+    out = args.json or (args.bundle / "evaluation.json")
+    out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    if args.write_card:
+        write_card(args.bundle / "README.md", report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

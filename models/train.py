@@ -1,0 +1,376 @@
+"""Train the default chest CT model (``make train``) on synthetic phantoms.
+
+The recipe: phantoms from `models.phantoms` (seeded, varied geometry, anatomy, intensity, noise and
+nodules) → the bundle's own preprocessing plan (`pipeline.preprocess.run_plan`, exactly what inference
+runs; the label maps follow the same geometric steps with nearest-neighbour sampling) → random patches,
+half of them centred on a nodule → augmentation (rotation about the body axis, shifts, left–right
+flips, scaling, intensity scale/shift, noise) → 3-D U-Net with a "nodule present" head → loss = soft
+Dice + cross-entropy on the segmentation, binary cross-entropy on the head (a patch is positive when
+it holds nodule voxels; the study score is the maximum over windows, as at inference) → validation
+every epoch on separate seeds with the real sliding-window inference → checkpoints, a CSV log of the
+curves, and finally the best weights written into the bundle with their sha256 in ``model.toml``.
+
+Seeds are fixed (torch, numpy, phantom seeds), so a run is repeatable up to the floating-point
+non-determinism of multi-threaded CPU kernels. This is an offline tool: unlike the rest of `models`,
+it uses `pipeline` (preprocessing and inference) so training and inference see the same input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "chest_ct_nodules"
+DEFAULT_WORK_DIR = Path(__file__).resolve().parent / "_work"
+TRAIN_SEED_BASE = 10_000
+VALIDATION_SEED_BASE = 20_000
+LUNG, NODULE = 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class TrainSettings:
+    """Knobs of one training run; the defaults reproduce the shipped weights."""
+
+    train_cases: int = 64
+    validation_cases: int = 8
+    minutes: float = 40.0
+    max_epochs: int = 400
+    steps_per_epoch: int = 40
+    batch_size: int = 4
+    patch_zyx: tuple[int, int, int] = (32, 80, 80)
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    nodule_patch_fraction: float = 0.6
+    seed: int = 20261121
+    threads: int = 0
+    workers: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One preprocessed training or validation case on the network's grid."""
+
+    seed: int
+    image: NDArray[np.float32]
+    labels: NDArray[np.uint8]
+    nodule_centers: tuple[tuple[int, int, int], ...]
+
+
+def phantom_shape_for(seed: int) -> tuple[int, int, int]:
+    """A varied acquisition for a training phantom: slice count and matrix drawn from the seed.
+
+    In-plane matrices of 192–320 keep generation fast while the pixel spacing the generator fits to
+    the body (0.9–2 mm) and the slice spacing (0.6–5 mm, from the slice count) still vary widely; the
+    plan resamples everything to the network's spacing anyway.
+    """
+    rng = np.random.default_rng([seed, 7])
+    matrix = int(rng.choice([192, 224, 256, 288, 320]))
+    slices = int(rng.integers(48, 161))
+    return (slices, matrix, matrix)
+
+
+def prepare_case(seed: int, steps: Sequence[Any]) -> Case:
+    """Generate the phantom of ``seed`` and run the bundle's preprocessing plan on image and labels."""
+    from models.phantoms import generate_phantom
+    from pipeline.preprocess import replay_plan, run_plan
+    from pipeline.types import Volume
+
+    phantom = generate_phantom(seed, shape_zyx=phantom_shape_for(seed))
+    volume = Volume(phantom.hu_zyx.astype(np.float32), phantom.affine_lps)
+    image, records = run_plan(volume, steps)
+    labels = replay_plan(volume.with_array(phantom.labels_zyx), records, order=0)
+    label_array = np.asarray(labels.array_zyx, dtype=np.uint8)
+    centers: list[tuple[int, int, int]] = []
+    nodule_cc, count = ndimage.label(label_array == NODULE)
+    for com in ndimage.center_of_mass(label_array == NODULE, nodule_cc, range(1, count + 1)):
+        centers.append(tuple(int(round(c)) for c in com))  # type: ignore[arg-type]
+    return Case(seed, np.asarray(image.array_zyx, dtype=np.float32), label_array, tuple(centers))
+
+
+def load_cases(seeds: Sequence[int], steps: Sequence[Any], cache_dir: Path, workers: int) -> list[Case]:
+    """Prepare the cases of ``seeds``, reusing ``cache_dir/<plan hash>/<seed>.npz`` when present."""
+    plan_key = hashlib.sha256(repr(tuple(steps)).encode()).hexdigest()[:12]
+    folder = cache_dir / plan_key
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [s for s in seeds if not (folder / f"{s}.npz").exists()]
+    if missing:
+        started = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+            for case in pool.map(prepare_case, missing, [steps] * len(missing)):
+                tmp = folder / f".{case.seed}.tmp.npz"
+                np.savez_compressed(tmp, image=case.image.astype(np.float16), labels=case.labels,
+                                    centers=np.asarray(case.nodule_centers, dtype=np.int32).reshape(-1, 3))
+                os.replace(tmp, folder / f"{case.seed}.npz")
+        logger.info("event=cases_prepared count=%d seconds=%.1f", len(missing), time.perf_counter() - started)
+    cases = []
+    for s in seeds:
+        with np.load(folder / f"{s}.npz") as data:
+            cases.append(Case(s, data["image"].astype(np.float32), data["labels"],
+                              tuple(tuple(int(v) for v in c) for c in data["centers"])))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def _crop(array: NDArray[Any], start: Sequence[int], size: Sequence[int], fill: float) -> NDArray[Any]:
+    """``array[start:start+size]`` with out-of-range parts filled (patches may overhang the volume)."""
+    out = np.full(tuple(size), fill, dtype=array.dtype)
+    src, dst = [], []
+    for s, n, dim in zip(start, size, array.shape):
+        lo, hi = max(s, 0), min(s + n, dim)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def sample_patch(case: Case, patch: Sequence[int], rng: np.random.Generator, nodule_fraction: float,
+                 ) -> tuple[NDArray[np.float32], NDArray[np.uint8]]:
+    """A training patch with augmentation: rotation about z, scaling, shift, flips, intensity, noise."""
+    angle = float(rng.uniform(-15, 15))
+    scale = float(rng.uniform(0.85, 1.15))
+    # Cut a larger block so rotation and scaling never pull in the patch's own padding.
+    margin = [int(math.ceil(p * (1.0 / 0.85) * (1.0 if i == 0 else 1.3))) for i, p in enumerate(patch)]
+    if case.nodule_centers and rng.random() < nodule_fraction:
+        center = np.asarray(case.nodule_centers[int(rng.integers(len(case.nodule_centers)))], float)
+        center += rng.uniform(-0.35, 0.35, 3) * np.asarray(patch)
+    else:
+        center = np.asarray([rng.uniform(0, n) for n in case.image.shape])
+    start = [int(round(c - m / 2)) for c, m in zip(center, margin)]
+    image = _crop(case.image, start, margin, fill=0.0)
+    labels = _crop(case.labels, start, margin, fill=0)
+    if abs(angle) > 0.5:
+        image = ndimage.rotate(image, angle, axes=(1, 2), reshape=False, order=1, mode="nearest")
+        labels = ndimage.rotate(labels, angle, axes=(1, 2), reshape=False, order=0, mode="nearest")
+    # Scaling: sample the central block of size patch/scale and resize it to the patch.
+    block = [min(m, max(4, int(round(p / scale)))) for p, m in zip(patch, margin)]
+    offset = [(m - b) // 2 for m, b in zip(margin, block)]
+    sl = tuple(slice(o, o + b) for o, b in zip(offset, block))
+    image, labels = image[sl], labels[sl]
+    zoom = [p / b for p, b in zip(patch, block)]
+    image = ndimage.zoom(image, zoom, order=1, mode="nearest", grid_mode=True)
+    labels = ndimage.zoom(labels, zoom, order=0, mode="nearest", grid_mode=True)
+    image = _crop(image, (0, 0, 0), patch, 0.0)
+    labels = _crop(labels, (0, 0, 0), patch, 0)
+    if rng.random() < 0.5:
+        image, labels = image[:, :, ::-1], labels[:, :, ::-1]
+    image = image * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.05, 0.05))
+    sigma = float(rng.uniform(0.0, 0.03))
+    if sigma > 0:
+        image = image + rng.normal(0.0, sigma, image.shape)
+    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(labels, dtype=np.uint8)
+
+
+def batches(cases: Sequence[Case], settings: TrainSettings, rng: np.random.Generator,
+            ) -> Iterator[tuple[NDArray[np.float32], NDArray[np.uint8]]]:
+    while True:
+        images, labels = [], []
+        for _ in range(settings.batch_size):
+            case = cases[int(rng.integers(len(cases)))]
+            image, label = sample_patch(case, settings.patch_zyx, rng, settings.nodule_patch_fraction)
+            images.append(image)
+            labels.append(label)
+        yield np.stack(images)[:, None], np.stack(labels)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def soft_dice_loss(logits: Any, target: Any, classes: Sequence[int]) -> Any:
+    """1 − mean soft Dice over ``classes`` (batch-pooled, so patches without a class do not explode)."""
+    import torch
+
+    probabilities = torch.softmax(logits, dim=1)
+    losses = []
+    for c in classes:
+        p = probabilities[:, c]
+        t = (target == c).float()
+        intersection = (p * t).sum()
+        losses.append(1.0 - (2.0 * intersection + 1.0) / (p.sum() + t.sum() + 1.0))
+    return torch.stack(losses).mean()
+
+
+def validate(network: Any, cases: Sequence[Case], spec: Any) -> dict[str, float]:
+    """Sliding-window inference on whole validation cases (network grid): Dice per label, head AUC."""
+    import torch
+
+    from models.metrics import dice, roc_auc
+    from pipeline.infer import infer
+
+    network.eval()
+    lung, nodule, scores, present = [], [], [], []
+    with torch.inference_mode():
+        for case in cases:
+            out = infer(network, case.image[None], spec.inference, device="cpu")
+            prediction = np.argmax(out.probabilities_czyx, axis=0)
+            lung.append(dice(prediction >= LUNG, case.labels >= LUNG))
+            if (case.labels == NODULE).any():
+                nodule.append(dice(prediction == NODULE, case.labels == NODULE))
+            logit = out.study_logit if out.study_logit is not None else 0.0
+            scores.append(float(logit))
+            present.append(bool((case.labels == NODULE).any()))
+    network.train()
+    return {
+        "val_lung_dice": float(np.mean(lung)),
+        "val_nodule_dice": float(np.mean(nodule)) if nodule else float("nan"),
+        "val_auc": roc_auc(scores, present),
+    }
+
+
+def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str, Any]:
+    """Train, validate every epoch, keep the best checkpoint, and install it into the bundle."""
+    import torch
+    import torch.nn.functional as F
+
+    from models.loader import configure_torch
+    from models.networks import build_network
+    from models.spec import load_spec
+
+    configure_torch(settings.threads)
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    spec = load_spec(bundle_dir / "model.toml")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    train_seeds = [TRAIN_SEED_BASE + i for i in range(settings.train_cases)]
+    validation_seeds = [VALIDATION_SEED_BASE + i for i in range(settings.validation_cases)]
+    cases = load_cases(train_seeds, spec.preprocess, work_dir / "cache", settings.workers)
+    validation = load_cases(validation_seeds, spec.preprocess, work_dir / "cache", settings.workers)
+    prepared_seconds = time.perf_counter() - started
+    network = build_network(spec.architecture)
+    network.train()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    total_steps = settings.max_epochs * settings.steps_per_epoch
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.learning_rate,
+                                                   total_steps=total_steps, pct_start=0.05)
+    class_weights = torch.tensor([1.0, 1.0, 3.0])
+    log_path = work_dir / "training_log.csv"
+    best_score, best_epoch, history = -1.0, -1, []
+    deadline = started + settings.minutes * 60.0
+    stream = batches(cases, settings, rng)
+    train_started = time.perf_counter()
+    epoch = 0
+    with open(log_path, "w", newline="") as log_file:
+        writer = csv.writer(log_file)
+        writer.writerow(["epoch", "seconds", "lr", "train_loss", "val_lung_dice", "val_nodule_dice", "val_auc"])
+        for epoch in range(1, settings.max_epochs + 1):
+            losses = []
+            for _ in range(settings.steps_per_epoch):
+                images, labels = next(stream)
+                x = torch.from_numpy(images)
+                y = torch.from_numpy(labels.astype(np.int64))
+                seg, cls = network(x)
+                loss = F.cross_entropy(seg, y, weight=class_weights) + soft_dice_loss(seg, y, (LUNG, NODULE))
+                if cls is not None:
+                    patch_positive = (y == NODULE).flatten(1).sum(1).ge(8).float().unsqueeze(1)
+                    loss = loss + 0.5 * F.binary_cross_entropy_with_logits(cls, patch_positive)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+            metrics = validate(network, validation, spec)
+            elapsed = time.perf_counter() - started
+            row = {"epoch": epoch, "seconds": round(elapsed, 1), "lr": schedule.get_last_lr()[0],
+                   "train_loss": float(np.mean(losses)), **metrics}
+            history.append(row)
+            writer.writerow([row[k] for k in ("epoch", "seconds", "lr", "train_loss", "val_lung_dice",
+                                              "val_nodule_dice", "val_auc")])
+            log_file.flush()
+            score = metrics["val_lung_dice"] + np.nan_to_num(metrics["val_nodule_dice"]) \
+                + 0.5 * np.nan_to_num(metrics["val_auc"])
+            logger.info("event=epoch epoch=%d seconds=%.0f loss=%.4f lung_dice=%.4f nodule_dice=%.4f auc=%.3f",
+                        epoch, elapsed, row["train_loss"], metrics["val_lung_dice"],
+                        metrics["val_nodule_dice"], metrics["val_auc"])
+            torch.save(network.state_dict(), work_dir / "last.pt")
+            if score > best_score:
+                best_score, best_epoch = score, epoch
+                torch.save(network.state_dict(), work_dir / "best.pt")
+            per_epoch = (time.perf_counter() - train_started) / epoch
+            if time.perf_counter() + per_epoch > deadline:
+                break
+    install_weights(bundle_dir, spec, work_dir / "best.pt")
+    (bundle_dir / "training_log.csv").write_text(log_path.read_text())
+    summary = {
+        "epochs": epoch, "best_epoch": best_epoch, "minutes": round((time.perf_counter() - started) / 60, 1),
+        "prepare_minutes": round(prepared_seconds / 60, 1), "train_cases": settings.train_cases,
+        "validation_cases": settings.validation_cases, "settings": _jsonable(settings),
+        "best": history[best_epoch - 1] if best_epoch > 0 else None,
+    }
+    (bundle_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _jsonable(settings: TrainSettings) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+            ((f, getattr(settings, f)) for f in settings.__dataclass_fields__)}
+
+
+def install_weights(bundle_dir: Path, spec: Any, checkpoint: Path) -> str:
+    """Copy ``checkpoint`` to the bundle's weights file and write its sha256 into ``model.toml``."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    target = bundle_dir / spec.weights.file
+    tmp = target.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, target)
+    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    manifest = bundle_dir / "model.toml"
+    text = manifest.read_text()
+    text, count = re.subn(r'(?m)^sha256\s*=\s*"[0-9a-f]*"', f'sha256 = "{digest}"', text)
+    if count != 1:
+        raise RuntimeError(f"{manifest} has no single sha256 line under [weights] to update")
+    manifest.write_text(text)
+    return digest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="model bundle to train")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR / "train",
+                        help="cache, checkpoints and logs")
+    defaults = TrainSettings()
+    parser.add_argument("--minutes", type=float, default=defaults.minutes, help="time budget")
+    parser.add_argument("--train-cases", type=int, default=defaults.train_cases)
+    parser.add_argument("--validation-cases", type=int, default=defaults.validation_cases)
+    parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch)
+    parser.add_argument("--max-epochs", type=int, default=defaults.max_epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--workers", type=int, default=defaults.workers)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    settings = TrainSettings(minutes=args.minutes, train_cases=args.train_cases,
+                             validation_cases=args.validation_cases, steps_per_epoch=args.steps_per_epoch,
+                             max_epochs=args.max_epochs, batch_size=args.batch_size, threads=args.threads,
+                             workers=args.workers)
+    summary = train(args.bundle, args.work_dir, settings)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
