@@ -13,7 +13,8 @@ set aside (a localizer, an identical duplicate) is written into ``SourceSeries.n
 dropped silently. This module must not touch SQLite, the network or torch, and never resamples: a
 tilted or gappy series is rejected, not repaired.
 
-Reason codes raised here: ``unreadable_file``, ``mixed_series``, ``mixed_frame_of_reference``,
+Reason codes raised here: ``unreadable_file``, ``mixed_series``, ``missing_frame_of_reference``,
+``mixed_frame_of_reference``,
 ``no_pixel_data``, ``unsupported_pixel_format``, ``unsupported_multiframe``, ``missing_geometry``,
 ``mixed_orientations``, ``mixed_image_sizes``, ``too_few_slices``, ``conflicting_duplicates``,
 ``gantry_tilt``, ``inconsistent_positions``, ``missing_slices``, ``irregular_spacing``.
@@ -339,7 +340,13 @@ def _check_identity(datasets: list[Dataset]) -> tuple[str, str, str, str]:
     if len(studies) != 1:
         raise InputRejectedError("mixed_series", f"the files of one series name {len(studies)} studies")
     frames_of_reference = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
-    if len(frames_of_reference) != 1 or "" in frames_of_reference:
+    if "" in frames_of_reference:
+        raise InputRejectedError(
+            "missing_frame_of_reference",
+            "an image has no Frame of Reference UID (0020,0052), required for CT (PS3.3 C.7.4.1); "
+            "without it no segmentation can be registered to the images",
+        )
+    if len(frames_of_reference) != 1:
         raise InputRejectedError(
             "mixed_frame_of_reference",
             "the images do not share one Frame of Reference UID (0020,0052), so their positions "

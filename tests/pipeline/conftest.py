@@ -17,6 +17,7 @@ import pytest
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.valuerep import DSfloat
 from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -55,6 +56,11 @@ def chest_phantom_hu(
     rng = np.random.default_rng(seed)
     hu += rng.normal(0.0, 5.0, size=shape_zyx).astype(np.float32)
     return np.clip(hu, -1024, 3071).astype(np.float32)
+
+
+def _ds(values: Sequence[float]) -> list[DSfloat]:
+    """Decimal strings as precise as the 16 characters of DS allow."""
+    return [DSfloat(float(v), auto_format=True) for v in values]
 
 
 def _file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> FileMetaDataset:
@@ -140,8 +146,8 @@ def ct_slice_dataset(
     ds.SOPInstanceUID = sop_uid
     ds.ImageType = list(image_type)
     ds.InstanceNumber = instance_number
-    ds.ImagePositionPatient = [f"{v:.6g}" for v in position]
-    ds.ImageOrientationPatient = [f"{v:.8g}" for v in orientation]
+    ds.ImagePositionPatient = _ds(position)
+    ds.ImageOrientationPatient = _ds(orientation)
     ds.PixelSpacing = [f"{v:.6g}" for v in pixel_spacing]
     ds.SliceThickness = f"{slice_thickness:.6g}"
     ds.KVP = "120"
@@ -262,7 +268,7 @@ def write_enhanced_ct(
     ds.PresentationLUTShape = "IDENTITY"
 
     orientation_item = Dataset()
-    orientation_item.ImageOrientationPatient = [f"{v:.8g}" for v in orientation]
+    orientation_item.ImageOrientationPatient = _ds(orientation)
     measures = Dataset()
     measures.PixelSpacing = [f"{v:.6g}" for v in pixel_spacing]
     measures.SliceThickness = f"{spacing_mm:.6g}"
@@ -278,7 +284,7 @@ def write_enhanced_ct(
     for f, k in enumerate(order):
         item = Dataset()
         plane = Dataset()
-        plane.ImagePositionPatient = [f"{v:.6g}" for v in positions[k]]
+        plane.ImagePositionPatient = _ds(positions[k])
         item.PlanePositionSequence = DicomSequence([plane])
         transform = Dataset()
         transform.RescaleSlope = f"{slopes[k]:.6g}"
