@@ -1,0 +1,652 @@
+"""Preprocessing: pure steps from the source volume to the network's input, each with a record.
+
+Every step is a function ``(Volume, **params) -> (Volume, PreprocessRecord)``: it never changes its
+input, and its record holds what is needed to undo the geometry (source shape and affine, crop box,
+pad widths, resampling steps) and the intensity statistics it computed. `run_plan` chains the steps a
+model manifest declares (``[[preprocess]]`` tables, `models.spec.StepSpec`); `invert_to_source` maps a
+prediction on the network's grid back onto the source grid exactly (same shape, same affine);
+`replay_plan` applies the recorded geometry to another array of the source grid (e.g. training labels).
+`segment_lungs_classical` is the classical lung mask (threshold, region growing from seeds inside the
+body, morphology) that ``crop_lungs`` uses and that doubles as the baseline of issue 4.
+
+This module knows arrays and affines only: no DICOM, no files, no torch.
+
+Geometry follows `pipeline.types`: arrays ``[k, j, i]``, ``affine_lps`` maps ``(i, j, k, 1)`` to LPS mm.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from pipeline.types import Volume
+
+logger = logging.getLogger(__name__)
+
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+#: Operations that change the grid (and so must be undone by `invert_to_source`).
+GEOMETRIC_OPS = frozenset({"resample", "crop_body", "crop_lungs", "pad_to_multiple"})
+
+
+@dataclass(frozen=True, slots=True)
+class PreprocessRecord:
+    """What one preprocessing step did, enough to map results back onto its input grid.
+
+    Attributes
+    ----------
+    op
+        The operation name, as in the manifest (``"resample"``, ``"crop_lungs"``, ...).
+    params
+        The parameters it was called with (read-only).
+    source_shape_zyx, source_affine_lps
+        The grid of the step's input (array shape ``[k, j, i]``, 4×4 affine to LPS mm).
+    output_shape_zyx, output_affine_lps
+        The grid of the step's output.
+    crop_box_zyx
+        For crops: ``((k0, k1), (j0, j1), (i0, i1))``, half-open voxel ranges of the input kept.
+    pad_widths_zyx
+        For padding: ``((before, after), ...)`` voxels added per axis.
+    step_zyx
+        For resampling: input voxels per output voxel along each axis (output spacing / input
+        spacing); output voxel ``o`` sits at input coordinate ``o * step`` (voxel 0 centres coincide).
+    statistics
+        Values computed from the data (window bounds, mean and standard deviation, percentiles, the
+        fallback a crop took), for the log and for reproducing the step.
+    """
+
+    op: str
+    params: Mapping[str, Any]
+    source_shape_zyx: tuple[int, int, int]
+    source_affine_lps: NDArray[np.float64]
+    output_shape_zyx: tuple[int, int, int]
+    output_affine_lps: NDArray[np.float64]
+    crop_box_zyx: Box | None = None
+    pad_widths_zyx: Box | None = None
+    step_zyx: tuple[float, float, float] | None = None
+    statistics: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def changes_grid(self) -> bool:
+        """Whether the step changed the grid (crop, pad, resample) and must be inverted."""
+        return self.op in GEOMETRIC_OPS
+
+
+def _record(
+    op: str,
+    params: Mapping[str, Any],
+    before: Volume,
+    after: Volume,
+    **extra: Any,
+) -> PreprocessRecord:
+    return PreprocessRecord(
+        op=op,
+        params=MappingProxyType(dict(params)),
+        source_shape_zyx=before.shape_zyx,
+        source_affine_lps=before.affine_lps.copy(),
+        output_shape_zyx=after.shape_zyx,
+        output_affine_lps=after.affine_lps.copy(),
+        **extra,
+    )
+
+
+def _triple(value: float | Sequence[float], name: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        return (float(value), float(value), float(value))
+    values = tuple(float(v) for v in value)
+    if len(values) != 3:
+        raise ValueError(f"{name} must be one number or three (z, y, x), got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def _as_float32(array: NDArray[Any]) -> NDArray[np.float32]:
+    return np.asarray(array, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------ geometry
+
+
+def _shift_origin(affine: NDArray[np.float64], offset_zyx: Sequence[float]) -> NDArray[np.float64]:
+    """The affine of a grid whose voxel 0 is the input's voxel ``offset_zyx``."""
+    out = affine.copy()
+    out[:3, 3] = affine[:3, :3] @ np.array(offset_zyx[::-1], dtype=np.float64) + affine[:3, 3]
+    return out
+
+
+def resample(
+    volume: Volume, spacing_mm: float | Sequence[float], *, order: int = 1
+) -> tuple[Volume, PreprocessRecord]:
+    """Resample to a target voxel size with `scipy.ndimage.affine_transform`.
+
+    Parameters
+    ----------
+    spacing_mm
+        Target spacing in mm, one number or ``(z, y, x)`` in array order (slice, row, column).
+    order
+        Spline order (0 nearest, 1 linear, 3 cubic).
+
+    Notes
+    -----
+    Voxel 0 keeps its centre; the output has ``round(n * spacing_in / spacing_out)`` voxels per axis
+    (at least one), so it covers the input's extent to within half an output voxel. Edge values are
+    repeated beyond the last input voxel (``mode="nearest"``).
+    """
+    target = _triple(spacing_mm, "spacing_mm")
+    if min(target) <= 0:
+        raise ValueError(f"spacing_mm must be positive, got {spacing_mm!r}")
+    source = volume.spacing_mm
+    step = tuple(t / s for t, s in zip(target, source))
+    shape = tuple(max(1, int(round(n / st))) for n, st in zip(volume.shape_zyx, step))
+    if all(abs(st - 1.0) < 1e-9 for st in step):
+        array = volume.array_zyx.copy()
+    else:
+        array = ndimage.affine_transform(
+            volume.array_zyx,
+            np.array(step),
+            offset=0.0,
+            output_shape=shape,
+            order=order,
+            mode="nearest",
+            prefilter=order > 1,
+        )
+    affine = volume.affine_lps.copy()
+    for axis, st in enumerate(step):
+        affine[:3, 2 - axis] *= st
+    out = Volume(array_zyx=array, affine_lps=affine)
+    record = _record(
+        "resample",
+        {"spacing_mm": target, "order": order},
+        volume,
+        out,
+        step_zyx=step,  # type: ignore[arg-type]
+    )
+    return out, record
+
+
+def _crop(volume: Volume, box: Box) -> Volume:
+    (k0, k1), (j0, j1), (i0, i1) = box
+    array = volume.array_zyx[k0:k1, j0:j1, i0:i1].copy()
+    return Volume(array_zyx=array, affine_lps=_shift_origin(volume.affine_lps, (k0, j0, i0)))
+
+
+def _box_of(mask: NDArray[np.bool_], margin_mm: float, spacing_mm: Sequence[float]) -> Box | None:
+    """Bounding box of ``mask`` grown by ``margin_mm`` on each side, clipped to the grid."""
+    if not mask.any():
+        return None
+    box = []
+    for axis, (n, spacing) in enumerate(zip(mask.shape, spacing_mm)):
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        grow = int(np.ceil(margin_mm / spacing)) if margin_mm > 0 else 0
+        box.append((max(0, int(present[0]) - grow), min(n, int(present[-1]) + 1 + grow)))
+    return (box[0], box[1], box[2])
+
+
+def _full_box(shape: Sequence[int]) -> Box:
+    return ((0, shape[0]), (0, shape[1]), (0, shape[2]))
+
+
+def body_mask(volume: Volume, *, threshold_hu: float = -500.0) -> NDArray[np.bool_]:
+    """The body: the largest connected component above ``threshold_hu`` (HU), holes filled per slice."""
+    above = volume.array_zyx > threshold_hu
+    labels, count = ndimage.label(above)
+    if count == 0:
+        return np.zeros(volume.shape_zyx, dtype=bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    largest = labels == int(np.argmax(sizes))
+    return _fill_holes_per_slice(largest)
+
+
+def _fill_holes_per_slice(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """Fill holes in each slice ``[k]`` (the body is open at its ends, so 3-D filling would not)."""
+    out = np.empty_like(mask)
+    for k in range(mask.shape[0]):
+        out[k] = ndimage.binary_fill_holes(mask[k])
+    return out
+
+
+def crop_body(
+    volume: Volume, *, threshold_hu: float = -500.0, margin_mm: float = 0.0
+) -> tuple[Volume, PreprocessRecord]:
+    """Crop to the body's bounding box (threshold + largest component) with a margin in mm.
+
+    When nothing exceeds the threshold the volume is kept whole (``statistics["fallback"] = "none"``).
+    """
+    mask = body_mask(volume, threshold_hu=threshold_hu)
+    box = _box_of(mask, margin_mm, volume.spacing_mm)
+    statistics = {}
+    if box is None:
+        box, statistics = _full_box(volume.shape_zyx), {"fallback": "none"}
+    out = _crop(volume, box)
+    record = _record(
+        "crop_body",
+        {"threshold_hu": threshold_hu, "margin_mm": margin_mm},
+        volume,
+        out,
+        crop_box_zyx=box,
+        statistics=MappingProxyType(statistics),
+    )
+    return out, record
+
+
+def crop_lungs(
+    volume: Volume,
+    *,
+    margin_mm: float = 10.0,
+    threshold_hu: float = -400.0,
+    working_spacing_mm: float = 2.0,
+) -> tuple[Volume, PreprocessRecord]:
+    """Crop to the bounding box of `segment_lungs_classical` grown by ``margin_mm``.
+
+    Without lungs found, falls back to the body box, then to the whole volume
+    (``statistics["fallback"]`` says which).
+    """
+    mask = segment_lungs_classical(volume, threshold_hu=threshold_hu, working_spacing_mm=working_spacing_mm)
+    box = _box_of(mask, margin_mm, volume.spacing_mm)
+    statistics: dict[str, Any] = {"lung_voxels": int(mask.sum())}
+    if box is None:
+        box = _box_of(body_mask(volume), margin_mm, volume.spacing_mm)
+        statistics["fallback"] = "body"
+        if box is None:
+            box, statistics["fallback"] = _full_box(volume.shape_zyx), "none"
+        logger.info("event=lungs_not_found fallback=%s", statistics["fallback"])
+    out = _crop(volume, box)
+    record = _record(
+        "crop_lungs",
+        {"margin_mm": margin_mm, "threshold_hu": threshold_hu, "working_spacing_mm": working_spacing_mm},
+        volume,
+        out,
+        crop_box_zyx=box,
+        statistics=MappingProxyType(statistics),
+    )
+    return out, record
+
+
+def pad_to_multiple(
+    volume: Volume, *, multiple: int | Sequence[int] = 16, value: float | None = None
+) -> tuple[Volume, PreprocessRecord]:
+    """Pad each axis symmetrically (the extra voxel after) to a multiple of ``multiple``.
+
+    Parameters
+    ----------
+    multiple
+        One integer or ``(z, y, x)``.
+    value
+        The constant padded in; by default the volume's minimum (air for HU, 0 after a window).
+    """
+    multiples = _triple(multiple, "multiple")
+    if any(m < 1 or m != int(m) for m in multiples):
+        raise ValueError(f"multiple must be positive integers, got {multiple!r}")
+    widths = []
+    for n, m in zip(volume.shape_zyx, multiples):
+        total = (-n) % int(m)
+        widths.append((total // 2, total - total // 2))
+    fill = float(np.min(volume.array_zyx)) if value is None and volume.array_zyx.size else float(value or 0.0)
+    array = np.pad(volume.array_zyx, widths, mode="constant", constant_values=fill)
+    out = Volume(
+        array_zyx=array,
+        affine_lps=_shift_origin(volume.affine_lps, tuple(-w[0] for w in widths)),
+    )
+    pad = (widths[0], widths[1], widths[2])
+    record = _record(
+        "pad_to_multiple",
+        {"multiple": tuple(int(m) for m in multiples), "value": value},
+        volume,
+        out,
+        pad_widths_zyx=pad,
+        statistics=MappingProxyType({"fill": fill}),
+    )
+    return out, record
+
+
+# ----------------------------------------------------------------------------------------- intensity
+
+
+def clip(volume: Volume, *, min: float, max: float) -> tuple[Volume, PreprocessRecord]:  # noqa: A002
+    """Clip intensities to ``[min, max]`` (HU for CT), as float32."""
+    if min >= max:
+        raise ValueError(f"clip needs min < max, got {min} and {max}")
+    out = volume.with_array(np.clip(_as_float32(volume.array_zyx), min, max).astype(np.float32))
+    return out, _record("clip", {"min": min, "max": max}, volume, out)
+
+
+def normalize(
+    volume: Volume,
+    *,
+    mode: str = "window",
+    min: float | None = None,  # noqa: A002
+    max: float | None = None,  # noqa: A002
+) -> tuple[Volume, PreprocessRecord]:
+    """Normalise intensities.
+
+    Parameters
+    ----------
+    mode
+        ``"window"``: clip to ``[min, max]`` and map linearly to ``[0, 1]`` (both required).
+        ``"zscore"``: subtract the mean and divide by the standard deviation, computed over the
+        voxels inside ``[min, max]`` when given (e.g. the body above -500 HU), else over all voxels.
+    """
+    array = _as_float32(volume.array_zyx)
+    if mode == "window":
+        if min is None or max is None or min >= max:
+            raise ValueError("normalize mode='window' needs min < max")
+        scaled = (np.clip(array, min, max) - np.float32(min)) / np.float32(max - min)
+        out = volume.with_array(scaled.astype(np.float32))
+        return out, _record("normalize", {"mode": mode, "min": min, "max": max}, volume, out)
+    if mode == "zscore":
+        selected = array
+        if min is not None or max is not None:
+            lo = -np.inf if min is None else min
+            hi = np.inf if max is None else max
+            selected = array[(array >= lo) & (array <= hi)]
+        mean = float(selected.mean()) if selected.size else 0.0
+        std = float(selected.std()) if selected.size else 1.0
+        std = std if std > 0 else 1.0
+        out = volume.with_array(((array - np.float32(mean)) / np.float32(std)).astype(np.float32))
+        return out, _record(
+            "normalize",
+            {"mode": mode, "min": min, "max": max},
+            volume,
+            out,
+            statistics=MappingProxyType({"mean": mean, "std": std}),
+        )
+    raise ValueError(f"normalize mode must be 'window' or 'zscore', got {mode!r}")
+
+
+def denoise(
+    volume: Volume, *, method: str = "median", size: int = 3, sigma_mm: float = 1.0
+) -> tuple[Volume, PreprocessRecord]:
+    """Denoise with a median or mean filter (``size`` voxels per axis) or a Gaussian (``sigma_mm``)."""
+    array = _as_float32(volume.array_zyx)
+    if method == "median":
+        result = ndimage.median_filter(array, size=size, mode="nearest")
+    elif method == "mean":
+        result = ndimage.uniform_filter(array, size=size, mode="nearest")
+    elif method == "gaussian":
+        sigma = tuple(sigma_mm / s for s in volume.spacing_mm)
+        result = ndimage.gaussian_filter(array, sigma=sigma, mode="nearest")
+    else:
+        raise ValueError(f"denoise method must be 'median', 'gaussian' or 'mean', got {method!r}")
+    out = volume.with_array(result.astype(np.float32))
+    return out, _record("denoise", {"method": method, "size": size, "sigma_mm": sigma_mm}, volume, out)
+
+
+def contrast_stretch(
+    volume: Volume, *, lower_percentile: float = 1.0, upper_percentile: float = 99.0
+) -> tuple[Volume, PreprocessRecord]:
+    """Map the ``lower``–``upper`` percentile range linearly to ``[0, 1]`` (clipped outside)."""
+    if not 0.0 <= lower_percentile < upper_percentile <= 100.0:
+        raise ValueError("contrast_stretch needs 0 <= lower_percentile < upper_percentile <= 100")
+    array = _as_float32(volume.array_zyx)
+    lo, hi = (float(v) for v in np.percentile(array, [lower_percentile, upper_percentile]))
+    scale = hi - lo if hi > lo else 1.0
+    out = volume.with_array(np.clip((array - np.float32(lo)) / np.float32(scale), 0.0, 1.0).astype(np.float32))
+    return out, _record(
+        "contrast_stretch",
+        {"lower_percentile": lower_percentile, "upper_percentile": upper_percentile},
+        volume,
+        out,
+        statistics=MappingProxyType({"lower": lo, "upper": hi}),
+    )
+
+
+def histogram_equalize(volume: Volume, *, bins: int = 256) -> tuple[Volume, PreprocessRecord]:
+    """Histogram equalisation to ``[0, 1]``: each voxel becomes the cumulative fraction of its bin."""
+    array = _as_float32(volume.array_zyx)
+    lo, hi = float(array.min()), float(array.max())
+    if hi <= lo:
+        result = np.zeros_like(array)
+    else:
+        histogram, edges = np.histogram(array, bins=bins, range=(lo, hi))
+        cdf = np.cumsum(histogram).astype(np.float64)
+        cdf /= cdf[-1]
+        result = np.interp(array.ravel(), edges[1:], cdf).reshape(array.shape).astype(np.float32)
+    out = volume.with_array(result)
+    return out, _record(
+        "histogram_equalize",
+        {"bins": bins},
+        volume,
+        out,
+        statistics=MappingProxyType({"min": lo, "max": hi}),
+    )
+
+
+# ------------------------------------------------------------------------------------- lung mask
+
+
+def segment_lungs_classical(
+    volume: Volume,
+    *,
+    threshold_hu: float = -400.0,
+    seed_hu: float = -700.0,
+    body_threshold_hu: float = -500.0,
+    closing_mm: float = 6.0,
+    min_fraction: float = 0.2,
+    working_spacing_mm: float = 2.0,
+) -> NDArray[np.bool_]:
+    """The classical lung mask on the volume's grid: threshold, region growing, morphology.
+
+    1. Work on a grid decimated to about ``working_spacing_mm`` (integer strides; speed).
+    2. Body: largest component above ``body_threshold_hu``, holes filled per slice (so the lungs and
+       the air in them are inside, the air around the patient is not).
+    3. Region growing: from seeds inside the body below ``seed_hu`` through connected voxels below
+       ``threshold_hu``; keep the two largest grown regions of at least ``min_fraction`` of the
+       largest (both lungs whether joined or not; bowel gas and a detached trachea fall away).
+    4. Morphology: closing with a ball of ``closing_mm`` and hole filling per slice, which brings
+       vessels and nodules inside the lungs into the mask; limited to the body.
+    5. Back to the full grid by nearest neighbour.
+
+    Returns
+    -------
+    NDArray[bool]
+        ``[k, j, i]`` on the volume's grid; all False when no lungs are found.
+    """
+    array = volume.array_zyx
+    strides = tuple(max(1, int(working_spacing_mm // s)) for s in volume.spacing_mm)
+    work = np.ascontiguousarray(array[:: strides[0], :: strides[1], :: strides[2]])
+    work_volume = Volume(
+        array_zyx=work,
+        affine_lps=volume.affine_lps @ np.diag([strides[2], strides[1], strides[0], 1.0]),
+    )
+    body = body_mask(work_volume, threshold_hu=body_threshold_hu)
+    candidates = body & (work < threshold_hu)
+    seeds = candidates & (work < seed_hu)
+    grown = ndimage.binary_propagation(seeds, mask=candidates)
+    labels, count = ndimage.label(grown)
+    if count == 0:
+        return np.zeros(volume.shape_zyx, dtype=bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    ranked = [int(v) for v in np.argsort(sizes)[::-1][:2] if sizes[v] > 0]
+    keep = [v for v in ranked if sizes[v] >= min_fraction * sizes[ranked[0]]]
+    lungs = np.isin(labels, keep)
+
+    spacing = work_volume.spacing_mm
+    radius = tuple(max(0, int(round(closing_mm / s))) for s in spacing)
+    if any(radius):
+        pad = [(r, r) for r in radius]
+        padded = np.pad(lungs, pad)
+        grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
+        ball = sum((g / max(r, 1)) ** 2 for g, r in zip(grid, radius)) <= 1.0
+        closed = ndimage.binary_closing(padded, structure=ball)
+        lungs = closed[tuple(slice(r, r + n) for r, n in zip(radius, lungs.shape))]
+    lungs = _fill_holes_per_slice(lungs) & body
+
+    index = [np.minimum(np.arange(n) // st, m - 1) for n, st, m in zip(volume.shape_zyx, strides, lungs.shape)]
+    return np.asarray(lungs[np.ix_(*index)], dtype=bool)
+
+
+# ------------------------------------------------------------------------------------------- plans
+
+_OPERATIONS: Mapping[str, Callable[..., tuple[Volume, PreprocessRecord]]] = MappingProxyType(
+    {
+        "crop_lungs": crop_lungs,
+        "crop_body": crop_body,
+        "resample": resample,
+        "clip": clip,
+        "normalize": normalize,
+        "denoise": denoise,
+        "contrast_stretch": contrast_stretch,
+        "histogram_equalize": histogram_equalize,
+        "pad_to_multiple": pad_to_multiple,
+    }
+)
+
+#: The operation names `run_plan` accepts (equal to `models.spec.KNOWN_PREPROCESS_OPS`).
+OPERATIONS: tuple[str, ...] = tuple(_OPERATIONS)
+
+
+def run_plan(volume: Volume, steps: Sequence[Any]) -> tuple[Volume, tuple[PreprocessRecord, ...]]:
+    """Run a manifest's preprocessing plan.
+
+    Parameters
+    ----------
+    steps
+        `models.spec.StepSpec` items (anything with ``.op`` and ``.params``), e.g.
+        ``StepSpec("resample", {"spacing_mm": (2.0, 2.0, 2.0)})``.
+
+    Returns
+    -------
+    tuple
+        The network's input volume and one record per step, in order.
+
+    Raises
+    ------
+    ValueError
+        An unknown operation or parameters the operation does not take (a manifest error).
+    """
+    records: list[PreprocessRecord] = []
+    for step in steps:
+        operation = _OPERATIONS.get(step.op)
+        if operation is None:
+            raise ValueError(f"unknown preprocessing op {step.op!r}; use one of {', '.join(OPERATIONS)}")
+        params = dict(step.params)
+        try:
+            inspect.signature(operation).bind(volume, **params)
+        except TypeError as exc:
+            raise ValueError(f"preprocessing op {step.op!r}: {exc}") from exc
+        started = time.perf_counter()
+        volume, record = operation(volume, **params)
+        records.append(record)
+        logger.debug(
+            "event=preprocess_step op=%s shape=%s seconds=%.3f",
+            step.op,
+            "x".join(str(n) for n in record.output_shape_zyx),
+            time.perf_counter() - started,
+        )
+    return volume, tuple(records)
+
+
+def _spatial(array: NDArray[Any]) -> tuple[int, int, int]:
+    return tuple(int(n) for n in array.shape[-3:])  # type: ignore[return-value]
+
+
+def _resample_channels(
+    array: NDArray[Any], step: Sequence[float], shape: Sequence[int], order: int
+) -> NDArray[Any]:
+    def one(a: NDArray[Any]) -> NDArray[Any]:
+        if all(abs(s - 1.0) < 1e-9 for s in step) and tuple(a.shape) == tuple(shape):
+            return a.copy()
+        return ndimage.affine_transform(
+            a,
+            np.array(step, dtype=np.float64),
+            offset=0.0,
+            output_shape=tuple(shape),
+            order=order,
+            mode="nearest",
+            prefilter=order > 1,
+        )
+
+    if array.ndim == 3:
+        return one(array)
+    return np.stack([one(a) for a in array])
+
+
+def invert_to_source(array_zyx_or_czyx: NDArray[Any], records: Sequence[PreprocessRecord], *, order: int = 0) -> NDArray[Any]:
+    """Map an array on the preprocessed grid back onto the source grid of ``records[0]``.
+
+    Parameters
+    ----------
+    array_zyx_or_czyx
+        A prediction on the last record's output grid: ``[k, j, i]`` or ``[c, k, j, i]`` (channels are
+        mapped independently).
+    records
+        The records `run_plan` returned, in order.
+    order
+        0 for label maps (nearest, values kept exactly), 1 for probabilities (linear).
+
+    Returns
+    -------
+    NDArray
+        The same dtype, with the source volume's shape (and the channel axis if given); its affine is
+        ``records[0].source_affine_lps``. Voxels outside a crop are 0 (background).
+
+    Raises
+    ------
+    ValueError
+        The array's grid is not the plan's output grid.
+    """
+    array = np.asarray(array_zyx_or_czyx)
+    if array.ndim not in (3, 4):
+        raise ValueError(f"expected [k, j, i] or [c, k, j, i], got shape {array.shape}")
+    geometric = [r for r in records if r.changes_grid]
+    if records and _spatial(array) != records[-1].output_shape_zyx:
+        raise ValueError(
+            f"array grid {_spatial(array)} is not the plan's output grid {records[-1].output_shape_zyx}"
+        )
+    lead = array.shape[:-3]
+    for record in reversed(geometric):
+        if record.op == "pad_to_multiple" and record.pad_widths_zyx is not None:
+            (a0, _), (b0, _), (c0, _) = record.pad_widths_zyx
+            nz, ny, nx = record.source_shape_zyx
+            array = array[..., a0 : a0 + nz, b0 : b0 + ny, c0 : c0 + nx]
+        elif record.crop_box_zyx is not None:
+            (k0, k1), (j0, j1), (i0, i1) = record.crop_box_zyx
+            full = np.zeros(lead + record.source_shape_zyx, dtype=array.dtype)
+            full[..., k0:k1, j0:j1, i0:i1] = array
+            array = full
+        elif record.op == "resample" and record.step_zyx is not None:
+            inverse = tuple(1.0 / s for s in record.step_zyx)
+            array = _resample_channels(array, inverse, record.source_shape_zyx, order)
+    return np.ascontiguousarray(array)
+
+
+def replay_plan(volume: Volume, records: Sequence[PreprocessRecord], *, order: int = 0, fill: float = 0.0) -> Volume:
+    """Apply the recorded geometry (crops, resampling, padding) to another array of the source grid.
+
+    For training labels: ``replay_plan(volume.with_array(labels), records, order=0)`` lands on the
+    same grid as the preprocessed image. Intensity steps are skipped; padding uses ``fill``.
+
+    Raises
+    ------
+    ValueError
+        ``volume`` is not on the plan's source grid.
+    """
+    if records and (
+        volume.shape_zyx != records[0].source_shape_zyx
+        or not np.allclose(volume.affine_lps, records[0].source_affine_lps)
+    ):
+        raise ValueError("the volume is not on the plan's source grid")
+    array = volume.array_zyx
+    for record in records:
+        if not record.changes_grid:
+            continue
+        if record.op == "pad_to_multiple" and record.pad_widths_zyx is not None:
+            array = np.pad(array, record.pad_widths_zyx, mode="constant", constant_values=fill)
+        elif record.crop_box_zyx is not None:
+            (k0, k1), (j0, j1), (i0, i1) = record.crop_box_zyx
+            array = array[k0:k1, j0:j1, i0:i1].copy()
+        elif record.op == "resample" and record.step_zyx is not None:
+            array = _resample_channels(array, record.step_zyx, record.output_shape_zyx, order)
+    affine = records[-1].output_affine_lps.copy() if records else volume.affine_lps.copy()
+    return Volume(array_zyx=array, affine_lps=affine)
