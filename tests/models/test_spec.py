@@ -50,13 +50,13 @@ def test_tiny_manifest_parses_into_typed_records(bundle: Path) -> None:
     assert spec.name == "tiny_test_model" and spec.version == "1.0.0"
     assert spec.family == CodeSpec("123110", "DCM", "Artificial Intelligence")
     assert spec.architecture.name == "fcn3d"
-    assert spec.architecture.params["kernel_sizes"] == (1, 7)
+    assert spec.architecture.params["kernel_sizes"] == (1, 7, 1, 5)
     assert spec.weights.format is WeightsFormat.STATE_DICT
     assert spec.weights_path == bundle / "weights.pt"
     assert spec.series.modality == ("CT",)
     assert [step.op for step in spec.preprocess] == ["clip", "normalize"]
     assert spec.preprocess[1].params["mode"] == "window"
-    assert spec.inference.patch_size_zyx == (16, 64, 64)
+    assert spec.inference.patch_size_zyx == (32, 96, 96)
     assert [label.value for label in spec.labels] == [1, 2]
     lung, nodule = spec.labels
     assert lung.type == CodeSpec("39607008", "SCT", "Lung")

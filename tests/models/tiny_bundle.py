@@ -4,19 +4,24 @@
 weights set by hand, so that on CT normalised by its own plan (HU window −1000..400 → [0, 1]):
 
 - label 1 "Lung": voxels in −950..−500 HU;
-- label 2 "Nodule": soft-tissue voxels (≥ −300 HU) that form a blob (≥ 35 % soft tissue in a 5-voxel
-  neighbourhood, so thin vessels stay out) inside lung (≥ 50 % lung in a 13-voxel neighbourhood, so
-  the chest wall and the mediastinum stay out);
+- label 2 "Nodule": soft tissue (≥ −300 HU) within 2 voxels of a nodule core. A core is a soft-tissue
+  voxel that is part of a blob (≥ 35 % soft tissue over offsets ±2), lies in lung (≥ 50 % lung in the
+  13³ neighbourhood, so the chest wall and the mediastinum stay out) and has lung on both sides along
+  each of the three axes at 2, 4 or 6 voxels (a vessel running along an axis does not);
 - everything else background; the study-level head's logit is the largest nodule logit.
 
-Layers (``fcn3d``): 1×1×1 conv → three steep sigmoids at −950, −500 and −300 HU; a 7×7×7 conv with
-dilation 2 → lung, soft tissue, lung context (mean over 13³ voxels) and blob (mean of soft tissue over
-offsets ±2); a 1×1×1 classifier. Same input → same output, bit for bit, on CPU.
+Layers (``fcn3d``, sigmoid activations): 1×1×1 → three steep steps at −950, −500 and −300 HU; 7×7×7 with
+dilation 2 → lung, soft tissue, lung context, blob and the nine directional lung tests; 1×1×1 → nodule
+cores per distance; 5×5×5 → cores grown by 2 voxels; a 1×1×1 classifier. On the phantoms of
+`models.phantoms` resampled to 2 mm and cropped to the lungs it reaches lung Dice ≈ 0.96 and finds most
+solid nodules with some vessel false positives (ground-glass nodules, below −300 HU, are missed): a
+test fixture, not a detector. Same input → same output, bit for bit, on CPU.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +40,7 @@ _GAIN = 20.0
 _LOGIT_SCALE = 10.0
 _KERNEL = 7
 _DILATION = 2
+_DIRECTION_OFFSETS = (1, 2, 3)  # kernel offsets: 2, 4 and 6 voxels
 
 
 def _normalised(hu: float) -> float:
@@ -43,30 +49,59 @@ def _normalised(hu: float) -> float:
 
 def tiny_network(*, classification_head: bool = True) -> FCN3D:
     """The hand-weighted network (see the module docstring), in eval mode."""
-    net = FCN3D(in_channels=1, out_channels=3, channels=(3, 4), kernel_sizes=(1, _KERNEL),
-                dilations=(1, _DILATION), activation="sigmoid",
+    distances = len(_DIRECTION_OFFSETS)
+    net = FCN3D(in_channels=1, out_channels=3, channels=(3, 4 + 3 * distances, 2 + distances, 3),
+                kernel_sizes=(1, _KERNEL, 1, 5), dilations=(1, _DILATION, 1, 1), activation="sigmoid",
                 classification_head=classification_head)
-    conv1, conv2 = net.features[0], net.features[2]
+    conv1, conv2, conv3, conv4 = (net.features[i] for i in (0, 2, 4, 6))
+    g = _GAIN
     with torch.no_grad():
-        # Layer 1: s_lo = [x > -950 HU], s_hi = [x > -500 HU], s_soft = [x > -300 HU].
+        # Layer 1 (1×1×1): s_lo = [> -950 HU], s_hi = [> -500 HU], s_soft = [> -300 HU].
         thresholds = torch.tensor([_normalised(-950.0), _normalised(-500.0), _normalised(-300.0)])
         conv1.weight.copy_(torch.full((3, 1, 1, 1, 1), _STEEPNESS))
         conv1.bias.copy_(-_STEEPNESS * thresholds)
-        # Layer 2 (7×7×7, dilation 2): lung, soft, lung context, blob.
-        w = torch.zeros(4, 3, _KERNEL, _KERNEL, _KERNEL)
+        # Layer 2 (7×7×7, dilation 2: kernel offset k is 2k voxels); lung = s_lo - s_hi.
+        w = torch.zeros(4 + 3 * distances, 3, _KERNEL, _KERNEL, _KERNEL)
+        b = torch.zeros(4 + 3 * distances)
         c = _KERNEL // 2
-        w[0, 0, c, c, c], w[0, 1, c, c, c] = _GAIN, -_GAIN  # lung = s_lo - s_hi
-        w[1, 2, c, c, c] = _GAIN  # soft tissue
-        w[2, 0], w[2, 1] = _GAIN / _KERNEL**3, -_GAIN / _KERNEL**3  # lung fraction over 13³ voxels
-        w[3, 2, c - 1 : c + 2, c - 1 : c + 2, c - 1 : c + 2] = _GAIN / 27.0  # soft fraction, offsets ±2
+        w[0, 0, c, c, c], w[0, 1, c, c, c], b[0] = g, -g, -0.5 * g  # lung here
+        w[1, 2, c, c, c], b[1] = g, -0.5 * g  # soft tissue here
+        w[2, 0], w[2, 1], b[2] = g / _KERNEL**3, -g / _KERNEL**3, -0.5 * g  # ≥ 50 % lung in 13³
+        w[3, 2, c - 1 : c + 2, c - 1 : c + 2, c - 1 : c + 2], b[3] = g / 27, -0.35 * g  # blob
+        for n, (k, axis) in enumerate(itertools.product(_DIRECTION_OFFSETS, range(3))):
+            for sign in (-1, 1):  # lung on both sides along one axis: what a tube lacks on its own
+                tap = [c, c, c]
+                tap[axis] += sign * k
+                w[4 + n, 0, tap[0], tap[1], tap[2]] = g
+                w[4 + n, 1, tap[0], tap[1], tap[2]] = -g
+            b[4 + n] = -1.5 * g
         conv2.weight.copy_(w)
-        conv2.bias.copy_(torch.tensor([-0.5, -0.5, -0.5, -0.35]) * _GAIN)
-        # Classifier: background 0; lung = A(lung - 0.5); nodule = A(soft + context + blob - 2.5).
-        head = torch.zeros(3, 4, 1, 1, 1)
+        conv2.bias.copy_(b)
+        # Layer 3 (1×1×1): lung, soft, and per distance a nodule core = soft AND context AND blob AND
+        # lung on both sides along all three axes.
+        w3 = torch.zeros(2 + distances, 4 + 3 * distances, 1, 1, 1)
+        b3 = torch.zeros(2 + distances)
+        w3[0, 0], b3[0] = g, -0.5 * g
+        w3[1, 1], b3[1] = g, -0.5 * g
+        for i in range(distances):
+            terms = [1, 2, 3, 4 + 3 * i, 5 + 3 * i, 6 + 3 * i]
+            w3[2 + i, terms] = g
+            b3[2 + i] = -(len(terms) - 0.5) * g
+        conv3.weight.copy_(w3)
+        conv3.bias.copy_(b3)
+        # Layer 4 (5×5×5): lung, soft, and "a nodule core within 2 voxels" (grows cores to edges).
+        w4 = torch.zeros(3, 2 + distances, 5, 5, 5)
+        w4[0, 0, 2, 2, 2] = g
+        w4[1, 1, 2, 2, 2] = g
+        w4[2, 2:] = g
+        conv4.weight.copy_(w4)
+        conv4.bias.copy_(torch.tensor([-0.5, -0.5, -0.5]) * g)
+        # Classifier: background 0; lung = A(lung - 0.5); nodule = A(soft + near core - 1.5).
+        head = torch.zeros(3, 3, 1, 1, 1)
         head[1, 0] = _LOGIT_SCALE
-        head[2, 1:4] = _LOGIT_SCALE
+        head[2, 1:3] = _LOGIT_SCALE
         net.seg_head.weight.copy_(head)
-        net.seg_head.bias.copy_(torch.tensor([0.0, -0.5, -2.5]) * _LOGIT_SCALE)
+        net.seg_head.bias.copy_(torch.tensor([0.0, -0.5, -1.5]) * _LOGIT_SCALE)
         if classification_head:
             net.cls_head.weight.copy_(torch.tensor([[0.0, 0.0, 1.0]]))
             net.cls_head.bias.zero_()
@@ -87,7 +122,7 @@ def _toml_value(value: Any) -> str:
 
 def make_tiny_bundle(dest: Path, *, torchscript: bool = False,
                      resample_spacing_mm: Sequence[float] | None = None,
-                     patch_size_zyx: Sequence[int] = (16, 64, 64), batch_size: int = 2,
+                     patch_size_zyx: Sequence[int] = (32, 96, 96), batch_size: int = 2,
                      classification_head: bool = True, name: str = MODEL_NAME,
                      segmentation_type: str = "BINARY", min_slices: int = 4) -> Path:
     """Write the tiny model bundle into ``dest`` (created if needed) and return the folder.
@@ -142,9 +177,9 @@ def make_tiny_bundle(dest: Path, *, torchscript: bool = False,
         "[architecture.params]",
         "in_channels = 1",
         "out_channels = 3",
-        "channels = [3, 4]",
-        f"kernel_sizes = [1, {_KERNEL}]",
-        f"dilations = [1, {_DILATION}]",
+        f"channels = [3, {4 + 3 * len(_DIRECTION_OFFSETS)}, {2 + len(_DIRECTION_OFFSETS)}, 3]",
+        f"kernel_sizes = [1, {_KERNEL}, 1, 5]",
+        f"dilations = [1, {_DILATION}, 1, 1]",
         'activation = "sigmoid"',
         f"classification_head = {_toml_value(classification_head)}",
         "",
@@ -168,7 +203,7 @@ def make_tiny_bundle(dest: Path, *, torchscript: bool = False,
         "",
         "[inference]",
         f"patch_size_zyx = {_toml_value([int(v) for v in patch_size_zyx])}",
-        "overlap = 0.25",
+        "overlap = 0.5",
         f"batch_size = {int(batch_size)}",
         "gaussian_sigma_scale = 0.125",
         "",
