@@ -452,7 +452,7 @@ def segment_lungs_classical(
         ``[k, j, i]`` on the volume's grid; all False when no lungs are found.
     """
     array = volume.array_zyx
-    strides = tuple(max(1, int(working_spacing_mm // s)) for s in volume.spacing_mm)
+    strides = tuple(max(1, int(np.ceil(working_spacing_mm / s - 1e-6))) for s in volume.spacing_mm)
     work = np.ascontiguousarray(array[:: strides[0], :: strides[1], :: strides[2]])
     work_volume = Volume(
         array_zyx=work,
@@ -460,30 +460,45 @@ def segment_lungs_classical(
     )
     body = body_mask(work_volume, threshold_hu=body_threshold_hu)
     candidates = body & (work < threshold_hu)
-    seeds = candidates & (work < seed_hu)
-    grown = ndimage.binary_propagation(seeds, mask=candidates)
-    labels, count = ndimage.label(grown)
-    if count == 0:
+    # Region growing from the seeds through the candidates = the candidate components that hold a
+    # seed (one labelling pass instead of an iterated geodesic dilation).
+    labels, count = ndimage.label(candidates)
+    seeded = np.unique(labels[candidates & (work < seed_hu)])
+    seeded = seeded[seeded > 0]
+    if count == 0 or seeded.size == 0:
         return np.zeros(volume.shape_zyx, dtype=bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    ranked = [int(v) for v in np.argsort(sizes)[::-1][:2] if sizes[v] > 0]
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    ranked = sorted((int(v) for v in seeded), key=lambda v: int(sizes[v]), reverse=True)[:2]
     keep = [v for v in ranked if sizes[v] >= min_fraction * sizes[ranked[0]]]
     lungs = np.isin(labels, keep)
 
     spacing = work_volume.spacing_mm
     radius = tuple(max(0, int(round(closing_mm / s))) for s in spacing)
     if any(radius):
-        pad = [(r, r) for r in radius]
-        padded = np.pad(lungs, pad)
-        grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
-        ball = sum((g / max(r, 1)) ** 2 for g, r in zip(grid, radius)) <= 1.0
-        closed = ndimage.binary_closing(padded, structure=ball)
-        lungs = closed[tuple(slice(r, r + n) for r, n in zip(radius, lungs.shape))]
+        lungs = _close(lungs, radius)
     lungs = _fill_holes_per_slice(lungs) & body
 
-    index = [np.minimum(np.arange(n) // st, m - 1) for n, st, m in zip(volume.shape_zyx, strides, lungs.shape)]
-    return np.asarray(lungs[np.ix_(*index)], dtype=bool)
+    # Nearest neighbour back to the full grid: voxel k takes working voxel k // stride.
+    for axis, stride in enumerate(strides):
+        if stride > 1:
+            lungs = np.repeat(lungs, stride, axis=axis)
+    nz, ny, nx = volume.shape_zyx
+    return np.ascontiguousarray(lungs[:nz, :ny, :nx])
+
+
+def _close(mask: NDArray[np.bool_], radius_zyx: Sequence[int]) -> NDArray[np.bool_]:
+    """Binary closing with an ellipsoid of ``radius_zyx`` voxels, on the mask's bounding box only."""
+    box = _box_of(mask, 0.0, (1.0, 1.0, 1.0))
+    if box is None:
+        return mask
+    region = tuple(slice(lo, hi) for lo, hi in box)
+    padded = np.pad(mask[region], [(r, r) for r in radius_zyx])
+    grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius_zyx)]
+    ball = sum((g / max(r, 1)) ** 2 for g, r in zip(grid, radius_zyx)) <= 1.0
+    closed = ndimage.binary_closing(padded, structure=ball)
+    out = mask.copy()
+    out[region] = closed[tuple(slice(r, r + n) for r, n in zip(radius_zyx, mask[region].shape))]
+    return out
 
 
 # ------------------------------------------------------------------------------------------- plans
