@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from models.loader import ModelHandle, load_model
 from models.networks import split_outputs
 from models.spec import InferenceSpec
+from pipeline.errors import TransientPipelineError
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,6 @@ def infer(model_handle: ModelHandle | nn.Module | Callable[[Tensor], Any],
                           else _module_on_cpu(module))
                 target, batch = cpu, max(1, int(spec.batch_size))
                 continue
-            from pipeline.errors import TransientPipelineError
-
             raise TransientPipelineError(
                 "out of memory during inference on the CPU with batch size 1; free memory or use a "
                 "smaller patch size") from None

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from models import loader
 from models.loader import load_model
 from models.spec import InferenceSpec, load_spec
+from pipeline.errors import TransientPipelineError
 from pipeline.infer import (
     InferenceOutput,
     gaussian_importance_map,
@@ -186,13 +187,11 @@ def test_out_of_memory_at_batch_one_off_the_cpu_falls_back_to_the_cpu(
 
 
 def test_out_of_memory_on_the_cpu_at_batch_one_is_a_transient_error() -> None:
-    errors = pytest.importorskip("pipeline.errors")
-
     class AlwaysOutOfMemory(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise torch.cuda.OutOfMemoryError("simulated")
 
-    with pytest.raises(errors.TransientPipelineError, match="out of memory"):
+    with pytest.raises(TransientPipelineError, match="out of memory"):
         infer(AlwaysOutOfMemory(), random_volume((1, 8, 16, 16)), SPEC)
 
 
