@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Permissions of written results: read-write for the owner, readable as the process' umask allows
+#: (read once at import, when no other thread can race on the umask).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+RESULT_FILE_MODE = 0o644 & ~_UMASK
+
 
 @dataclass(frozen=True, slots=True)
 class StageTimings:
@@ -274,6 +280,7 @@ def write_dataset_atomically(dataset: Dataset, path: Path) -> Path:
     fd, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), RESULT_FILE_MODE)  # mkstemp creates 0600
             dataset.save_as(handle, enforce_file_format=True)
             handle.flush()
             os.fsync(handle.fileno())

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import highdicom as hd
+import pydicom
 import pytest
 
 from node.cli import main
@@ -98,3 +99,31 @@ def test_analyze_usage_errors_exit_2(tmp_path: Path, model_dir: Path, capsys: py
     assert main(["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == EXIT_USAGE
     assert main(["analyze", "--out", str(tmp_path / "out")]) == EXIT_USAGE  # no PATH
     assert not (tmp_path / "out").exists()
+
+
+def test_analyze_on_a_generated_chest_ct_gives_conformant_cross_referenced_results(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's acceptance: `edge-node analyze` on a generated chest CT (models.phantoms)."""
+    from models.phantoms import generate_phantom, write_phantom_series
+
+    phantom = generate_phantom(11, shape_zyx=(24, 96, 96), spacing_mm=(2.5, 2.5, 2.5), nodules=2)
+    files = write_phantom_series(phantom, tmp_path / "in")
+    code = main(["analyze", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--json",
+                 "--model-dir", str(model_dir), "--device", "cpu"])
+    assert code == EXIT_OK
+    (item,) = json.loads(capsys.readouterr().out)["analysed"]
+    assert item["findings"] and item["study_finding"]["present"] is True
+    seg = hd.seg.segread(item["seg_path"])
+    sr = hd.sr.srread(item["sr_path"])
+    source_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files}
+    referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == source_uids
+    assert seg.FrameOfReferenceUID == pydicom.dcmread(files[0], stop_before_pixels=True).FrameOfReferenceUID
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_uid for g in groups] == [f["tracking_uid"] for f in item["findings"]]
+    for group in groups:
+        (number,) = group.referenced_segment.referenced_segment_numbers
+        assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert seg.get_segment_description(number).TrackingUID == group.tracking_uid
+    assert dciodvfy_errors(Path(item["seg_path"])) == [] and dciodvfy_errors(Path(item["sr_path"])) == []
