@@ -196,6 +196,12 @@ class PhantomParams:
     nodules: tuple[NoduleSpec, ...] = ()
     kvp: float = 120.0
     tube_current_ma: float = 200.0
+    # findings that are not nodules (the network must learn to ignore them)
+    stomach_air: bool = True
+    fissures: bool = True
+    emphysema: float = 0.0  # fraction of lung points given a low-attenuation (−970 HU) bulla
+    atelectasis_mm: float = 0.0  # thickness of a dependent subpleural density band in the lower lungs
+    breast_mm: float = 0.0  # breast semi-axis (women), 0 for none
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -459,7 +465,7 @@ def sample_phantom_params(
         table=bool(rng.random() < 0.9),
         table_gap_mm=float(rng.uniform(0, 12)),
         patient_sex=sex,
-        lung_hu=float(rng.uniform(-880, -810)),
+        lung_hu=float(rng.uniform(-890, -800)),
         lung_gradient_hu=float(rng.uniform(0, 70)),
         fat_hu=float(rng.uniform(-115, -85)),
         muscle_hu=float(rng.uniform(35, 60)),
@@ -475,6 +481,15 @@ def sample_phantom_params(
         vessel_points=int(rng.integers(350, 700)),
         kvp=float(rng.choice([100.0, 120.0, 120.0, 140.0])),
         tube_current_ma=float(rng.uniform(60, 350)),
+    )
+    x_rng = _rng(seed, "extras")
+    params = replace(
+        params,
+        stomach_air=bool(x_rng.random() < 0.75),
+        fissures=bool(x_rng.random() < 0.8),
+        emphysema=float(x_rng.uniform(0.05, 0.3)) if x_rng.random() < 0.2 else 0.0,
+        atelectasis_mm=float(x_rng.uniform(3, 12)) if x_rng.random() < 0.3 else 0.0,
+        breast_mm=float(x_rng.uniform(35, 75)) if sex == "F" and x_rng.random() < 0.85 else 0.0,
     )
     if params.noise_sigma_hu < 0 or params.blur_sigma_mm < 0:
         raise PhantomError("noise_sigma_hu and blur_sigma_mm must be >= 0")
@@ -661,6 +676,7 @@ class _Tube:
     structure: int
     central: bool = False  # excluded from the lung label (hilar roots, main bronchi)
     lumen: float = 0.0  # airway: lumen radius as a fraction of the outer radius (air inside)
+    lung_only: bool = False  # drawn only inside the lung region (emphysematous bullae)
 
 
 def _lung_points(anat: _Anatomy, rng: np.random.Generator, n: int, left: bool) -> NDArray[np.float64]:
@@ -736,6 +752,13 @@ def _trees_cached(p: PhantomParams) -> tuple[_Tube, ...]:
     rng = _rng(p.seed, "trees")
     tubes: list[_Tube] = []
     L = anat.body_to_lps
+    if p.emphysema > 0:
+        e_rng = _rng(p.seed, "emphysema")
+        for left in (False, True):
+            pts = _lung_points(anat, e_rng, int(p.emphysema * 500), left)
+            for c in pts:
+                r = float(np.clip(e_rng.lognormal(np.log(2.5), 0.5), 1.0, 9.0))
+                tubes.append(_Tube(tuple(c), tuple(c), r, r, -975.0, _S["lung"], lung_only=True))
     blood = p.blood_hu
     z_low = anat.zb - 200.0
     z_high = anat.z_top + 200.0
@@ -952,31 +975,44 @@ def _render_anatomy(
 ) -> None:
     """Body, chest wall, bones, lungs, mediastinum, heart, abdomen and table, slab by slab."""
     p = anat.p
-    x = fine.x[None, None, :]
-    y = fine.y[:, None][None]
     f32 = np.float32
     wtex = _rng(p.seed, "texture").uniform(0, 2 * np.pi, 6)
+    ny, nx = fine.shape[1:]
+    # The background (air, and the table, which does not change along z) as one plane.
+    back_hu = np.full((ny, nx), AIR_HU, dtype=np.float32)
+    back_st = np.zeros((ny, nx), dtype=np.uint8)
+    if p.table:
+        # a carbon shell with a foam core, curved up at the edges, under the patient
+        xt = fine.x[None, :] - (p.center_x_mm * 0.3)
+        ty = fine.y[:, None] - (anat.cy + anat.B + p.table_gap_mm + 0.0006 * xt * xt)
+        in_table = (np.abs(xt) < 230) & (ty >= 0) & (ty < 45)
+        shell = in_table & ((ty < 3) | (ty > 41))
+        back_hu[in_table] = -880.0
+        back_hu[shell] = 250.0
+        back_st[in_table] = _S["table"]
+    # Everything else lies in the body's bounding box (with the roll, breasts and the cushion).
+    slack = abs(anat.sin_r) * max(anat.A, anat.Be) + 6.0
+    front = anat.Be * 1.05 + 0.5 * p.breast_mm
+    j0 = max(0, int((anat.cy - front - slack - fine.y[0]) / fine.h))
+    j1 = min(ny, int((anat.cy + anat.B + p.table_gap_mm + slack - fine.y[0]) / fine.h) + 2)
+    i0 = max(0, int((anat.cx - anat.A * 1.05 - slack - fine.x[0]) / fine.h))
+    i1 = min(nx, int((anat.cx + anat.A * 1.05 + slack - fine.x[0]) / fine.h) + 2)
+    x = fine.x[None, None, i0:i1]
+    y = fine.y[j0:j1, None][None]
+    u, v = anat.body_uv(x, y)
+    u = u.astype(f32)
+    v = v.astype(f32)
     for k0 in range(0, fine.shape[0], _SLAB_PLANES):
         z = fine.z[k0 : k0 + _SLAB_PLANES].astype(np.float32)[:, None, None]
-        h = hu[k0 : k0 + _SLAB_PLANES]
-        s_ = struct[k0 : k0 + _SLAB_PLANES]
-        u, v = anat.body_uv(x, y)
-        u = u.astype(f32)
-        v = v.astype(f32)
+        hu[k0 : k0 + _SLAB_PLANES] = back_hu
+        struct[k0 : k0 + _SLAB_PLANES] = back_st
+        if j1 <= j0 or i1 <= i0:
+            continue
+        h = hu[k0 : k0 + _SLAB_PLANES, j0:j1, i0:i1]
+        s_ = struct[k0 : k0 + _SLAB_PLANES, j0:j1, i0:i1]
+        lung_slab = lung[k0 : k0 + _SLAB_PLANES, j0:j1, i0:i1]
         depth = anat.depth(u, v, z)
         body = depth > 0
-        h[...] = AIR_HU
-        s_[...] = _S["air"]
-        # table: a carbon shell with a foam core, curved up at the edges, under the patient
-        if p.table:
-            xt = x - (p.center_x_mm * 0.3)
-            table_top = anat.cy + anat.B + p.table_gap_mm + 0.0 + 0.0006 * xt * xt
-            ty = y - table_top
-            in_table = (np.abs(xt) < 230) & (ty >= 0) & (ty < 45)
-            shell = in_table & ((ty < 3) | (ty > 41))
-            h[np.broadcast_to(in_table & ~shell, h.shape)] = -880.0
-            h[np.broadcast_to(shell, h.shape)] = 250.0
-            s_[np.broadcast_to(in_table, h.shape)] = _S["table"]
         # cushion under the patient's back
         cushion = (~body) & (v > anat.B - 1.0) & (v < anat.B + p.table_gap_mm) & (np.abs(u) < anat.A * 0.8)
         h[cushion] = -750.0
@@ -997,6 +1033,18 @@ def _render_anatomy(
         m = body & skin_in
         h[m] = p.skin_hu
         s_[m] = _S["skin"]
+        # breasts: fat with glandular tissue in front of the chest wall
+        bz = anat.zb + 0.38 * anat.H
+        if p.breast_mm > 0 and np.any(np.abs(z - bz) < p.breast_mm):
+            for side in (-1.0, 1.0):
+                # supine: flattened against the chest and spread sideways
+                bu = (u - anat.mc - side * 0.45 * anat.A) / (0.9 * p.breast_mm)
+                bv = (v + 0.8 * anat.Be) / (0.45 * p.breast_mm)
+                qb = bu * bu + bv * bv + ((z - bz) / (0.8 * p.breast_mm)) ** 2
+                breast = (depth < p.skin_mm) & (qb < 1.0)
+                db = (1.0 - np.sqrt(np.minimum(qb, 1.0))) * 0.5 * p.breast_mm
+                h[breast] = np.where((db < p.skin_mm) & (depth <= 0), p.skin_hu, p.fat_hu + 45.0 + 4.0 * texture)[breast]
+                s_[breast] = _S["fat"]
         # scapulae: thin bone plates in the posterior-lateral muscles of the upper chest
         s_rel = (z - anat.zb) / anat.H
         fat_out = p.skin_mm + fat_mm
@@ -1030,7 +1078,7 @@ def _render_anatomy(
         med = anat.mediastinum(u, v, z)
         hq = anat.heart_q(u, v, z)
         lung_r = cav & ~below & (z < anat.z_top) & ~med & (hq > 1.12**2) & anat.apex_ok(u, v, z)
-        lung[k0 : k0 + _SLAB_PLANES] = lung_r
+        lung_slab[...] = lung_r
         # mediastinum: fat; abdomen: liver on the right, spleen/stomach on the left
         m = cav & ~lung_r
         h[m] = (p.fat_hu + 10.0 + np.broadcast_to(texture, h.shape))[m]
@@ -1041,7 +1089,7 @@ def _render_anatomy(
         h[ab & ~liver] = p.liver_hu - 12.0
         s_[ab] = _S["abdomen"]
         # gastric fundus air under the left dome: a half-ellipsoid with a flat air-fluid level
-        if p.lung_gradient_hu > 20:
+        if p.stomach_air:
             gz = anat.zb - p.left_dome_drop_mm - 22.0
             gq = ((u - anat.mc - 0.42 * anat.A) / 38.0) ** 2 + ((v + 0.15 * anat.B) / 30.0) ** 2 + ((z - gz) / 16.0) ** 2
             stomach_air = ab & ~liver & (gq < 1.0) & (z > gz)
@@ -1054,6 +1102,19 @@ def _render_anatomy(
         # lung parenchyma with a dependent (posterior) gradient and faint texture
         grad = p.lung_gradient_hu * np.clip((v + anat.B) / (2 * anat.B), 0.0, 1.0) ** 2
         lung_hu = p.lung_hu + grad + 1.5 * texture
+        if p.atelectasis_mm > 0:
+            s_rel3 = (z - anat.zb) / anat.H
+            band = np.clip(1.0 - (depth - cav_d) / p.atelectasis_mm, 0.0, 1.0) * (v > 0.3 * anat.B) * (s_rel3 < 0.45)
+            lung_hu = lung_hu + band * (-380.0 - lung_hu)
+        if p.fissures:
+            # oblique (major) fissures: rising posteriorly, and in an axial slice running from
+            # postero-medial to antero-lateral
+            width = max(1.0, fine.h)
+            gain = 230.0 / width
+            vf = v + 0.7 * (np.abs(u - anat.mc) - 0.4 * anat.A)
+            major = z - (anat.zb + 0.28 * anat.H + 0.42 * anat.H * (vf / anat.B))
+            sheet = np.clip(1.0 - np.abs(major) * 0.5 / width, 0.0, 1.0)
+            lung_hu = lung_hu + gain * sheet
         h[lung_r] = np.broadcast_to(lung_hu, h.shape)[lung_r]
         s_[lung_r] = _S["lung"]
         # spine: vertebral bodies (cortex + trabecular bone), discs, canal, posterior elements
@@ -1113,6 +1174,8 @@ def _render_tubes(
             occ = np.clip((radius - dist) / fine.h + 0.5, 0.0, 1.0)
         else:
             occ = (3.0 / fine.h**2) * radius * radius * np.clip(1.0 - dist / fine.h, 0.0, 1.0)
+        if t.lung_only or not t.central and t.structure in (_S["vessel"], _S["airway"]):
+            occ = occ * lung[box]  # pulmonary vessels and bronchi stay in the lungs
         if not occ.any():
             continue
         h = hu[box]
@@ -1199,7 +1262,7 @@ def render_phantom(params: PhantomParams) -> Phantom:
     nod_frac = np.zeros((nz, ny, nx), dtype=bool)
     ids_s = np.zeros((nz, ny, nx), dtype=np.uint8)
     struct_s = np.zeros((nz, ny, nx), dtype=np.uint8)
-    for k in range(nz):
+    for k in range(nz) if fine.width > 1 else ():
         lung_f[...] = 0.0
         nod_f[...] = 0.0
         best = -1.0
@@ -1217,6 +1280,12 @@ def render_phantom(params: PhantomParams) -> Phantom:
                 struct_s[k] = struct[q]
         lung_s[k] = lung_f >= 0.5
         nod_frac[k] = nod_f >= 0.5
+    if fine.width == 1:  # one plane per slice: take them as they are
+        hu_s[...] = hu[fine.start]
+        lung_s[...] = lung[fine.start]
+        ids_s[...] = ids[fine.start]
+        nod_frac[...] = ids_s > 0
+        struct_s[...] = struct[fine.start]
     del hu, lung, ids, struct
     labels = np.zeros((nz, ny, nx), dtype=np.uint8)
     labels[lung_s] = LABEL_LUNG
