@@ -157,6 +157,8 @@ class EdgeAssociation(Association):
         self.edge_stats = AssociationStats()
         self.edge_slots: Slots | None = None
         self.edge_reject_reason = ""
+        import os as _os
+        self.dul._run_loop_delay = float(_os.environ.get("EDGE_DUL_DELAY", "0.001"))
 
     def run_reactor(self) -> None:
         try:
@@ -305,6 +307,7 @@ def _handle_requested(event: Any, settings: Settings, slots: Slots) -> None:
     calling = (rq.calling_ae_title or "").strip()
     called = (rq.called_ae_title or "").strip()
     peer = assoc.requestor.address_info.address if assoc.requestor.address_info else ""
+    assoc.requestor.ae_title = calling  # for the association log line, also when rejected
     decision = decide_admission(settings, calling, called, peer)
     if decision is None and not slots.acquire(False):
         decision = RejectDecision(0x02, 0x03, 0x02, "max_associations_reached")
