@@ -110,3 +110,21 @@ def test_run_job_maps_a_resampled_prediction_back_onto_the_source_grid(tmp_path:
     assert len(job.findings) == 1
     assert np.linalg.norm(np.subtract(job.findings[0].centroid_lps_mm, _expected_centroid(chest.affine_lps))) < 3.0
     assert dciodvfy_errors(job.seg_path) == []
+
+
+def test_run_job_on_an_enhanced_multiframe_ct_references_its_frames(tmp_path: Path, model_dir: Path) -> None:
+    chest = write_chest_series(tmp_path / "in", enhanced=True, reverse_files=True, nodules=[NODULE])
+    job = run_job(list(chest.paths), tmp_path / "out", model=ModelRegistry(model_dir).get("tiny_test_model"), device="cpu")
+    (finding,) = job.findings
+    assert np.linalg.norm(np.subtract(finding.centroid_lps_mm, _expected_centroid(chest.affine_lps))) < 2.0
+    seg = hd.seg.segread(job.seg_path)
+    (source,) = chest.datasets
+    frames = len(chest.frame_positions)
+    # Frames are stored top-down: volume slice k is source frame (frames - k).
+    pixels = seg.get_pixels_by_source_frame(
+        source.SOPInstanceUID, [frames - k for k in range(frames)], combine_segments=True,
+        assert_missing_frames_are_empty=True,
+    )
+    number = hd.sr.srread(job.sr_path).content.get_volumetric_roi_measurement_groups()[0].referenced_segment.referenced_segment_numbers[0]
+    assert sorted({k for k, _, _ in zip(*np.nonzero(np.asarray(pixels) == number))}) == list(finding.slice_indices)
+    assert dciodvfy_errors(job.seg_path) == [] and dciodvfy_errors(job.sr_path) == []
