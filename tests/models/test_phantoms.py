@@ -213,3 +213,52 @@ def test_dciodvfy_reports_no_errors_on_a_written_instance(tmp_path: Path, tsuid:
     warnings = [line for line in report.splitlines() if line.startswith("Warning")]
     print("\n".join(warnings))
     assert errors == [], report
+
+
+def test_tissues_have_realistic_attenuation(fine_phantom: Phantom) -> None:
+    ph = fine_phantom
+    names = {name: value for value, name in STRUCTURES.items()}
+
+    def median(name: str) -> float:
+        values = ph.hu_zyx[ph.structures_zyx == names[name]]
+        assert values.size > 50, name
+        return float(np.median(values))
+
+    assert -140 <= median("fat") <= -50
+    assert 10 <= median("muscle") <= 90
+    assert median("bone") >= 150
+    assert 0 <= median("heart") <= 400
+    assert median("air") <= -900
+
+
+@pytest.mark.parametrize("attachment", ["vessel", "pleura"])
+def test_attached_nodules_touch_what_they_are_attached_to(attachment: str) -> None:
+    ph = generate_phantom(
+        17, spacing_mm=(2.0, 2.0, 2.0), nodules=3, nodule_attachments=[attachment], nodule_diameter_mm=(8, 16),
+        noise_sigma_hu=10.0,
+    )
+    assert ph.nodules and all(n.attached == attachment for n in ph.nodules)
+    names = {name: value for value, name in STRUCTURES.items()}
+    for n in ph.nodules:
+        mine = ph.nodule_ids_zyx == n.index
+        ring = ndimage.binary_dilation(mine, iterations=2) & ~mine
+        around = set(np.unique(ph.structures_zyx[ring]).tolist())
+        if attachment == "vessel":
+            assert names["vessel"] in around, n
+        else:
+            wall = {names[s] for s in ("muscle", "bone", "fat", "mediastinum", "heart", "abdomen", "great_vessel")}
+            assert around & wall, n
+
+
+def test_cli_writes_a_series_and_the_truth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from models.phantoms import main
+
+    out = tmp_path / "series"
+    code = main(["--seed", "1", "--out", str(out), "--shape", "4,48,48", "--nodules", "1", "--truth", str(tmp_path / "t.npz")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "event=phantom_written" in printed and "files=4" in printed
+    assert len(list(out.glob("*.dcm"))) == 4
+    truth = np.load(tmp_path / "t.npz")
+    assert truth["labels_zyx"].shape == (4, 48, 48)
+    assert main(["--seed", "1", "--out", str(out), "--shape", "0,48,48"]) == 2
