@@ -291,6 +291,10 @@ class _PixelSource:
         self._datasets = datasets
         self._cache: dict[int, NDArray[Any]] = {}
 
+    def release(self) -> None:
+        """Drop the decoded multi-frame arrays."""
+        self._cache.clear()
+
     def stored(self, frame: _Frame) -> NDArray[Any]:
         ds = self._datasets[frame.instance]
         if frame.frame_number is None:
@@ -493,6 +497,9 @@ def load_series(
     array = np.empty((len(stack), reference.rows, reference.columns), dtype=np.float32)
     for k, frame in enumerate(stack):
         array[k] = pixels.hounsfield(frame)
+        if frame.frame_number is None:
+            _header(datasets[frame.instance])  # free the encoded pixels as soon as they are decoded
+    pixels.release()
 
     used_instances: list[int] = []
     for frame in stack:
