@@ -56,7 +56,8 @@ MANIFEST_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                           "series_description_regex"})),
     "preprocess": (frozenset({"op"}), frozenset()),
     "inference": (frozenset({"patch_size_zyx"}),
-                  frozenset({"overlap", "batch_size", "gaussian_sigma_scale"})),
+                  frozenset({"overlap", "batch_size", "gaussian_sigma_scale",
+                             "whole_volume_max_voxels"})),
     "labels": (frozenset({"value", "name", "category", "type", "color_rgb"}),
                frozenset({"threshold", "min_size_mm3", "is_finding", "finding_site"})),
     "segmentation": (frozenset(), frozenset({"type"})),
@@ -174,13 +175,16 @@ class InferenceSpec:
     ``patch_size_zyx`` the window in voxels (array order), ``overlap`` the fraction of a window shared
     with its neighbour along each axis (0 ≤ overlap < 1), ``batch_size`` windows per forward pass,
     ``gaussian_sigma_scale`` the Gaussian importance map's sigma as a fraction of the window size
-    (nnU-Net uses 1/8).
+    (nnU-Net uses 1/8). ``whole_volume_max_voxels`` > 0 lets a fully convolutional network see a volume
+    of at most that many voxels as one window of its own size instead of overlapping windows (on a CPU
+    this avoids computing the overlaps again; 0 = always use windows).
     """
 
     patch_size_zyx: tuple[int, int, int] = (64, 128, 128)
     overlap: float = 0.25
     batch_size: int = 2
     gaussian_sigma_scale: float = 0.125
+    whole_volume_max_voxels: int = 0
 
 
 class SegmentationType(StrEnum):
@@ -461,8 +465,9 @@ def _parse_inference(p: _Parser, raw: Any) -> InferenceSpec:
         p.fail("inference.overlap", "must be in [0, 1)")
     batch = p.integer(t, "batch_size", prefix="inference", default=2, minimum=1)
     sigma = p.number(t, "gaussian_sigma_scale", prefix="inference", default=0.125, positive=True)
+    whole = p.integer(t, "whole_volume_max_voxels", prefix="inference", default=0, minimum=0)
     return InferenceSpec(patch_size_zyx=(patch[0], patch[1], patch[2]), overlap=overlap,
-                         batch_size=batch, gaussian_sigma_scale=sigma)
+                         batch_size=batch, gaussian_sigma_scale=sigma, whole_volume_max_voxels=whole)
 
 
 def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:

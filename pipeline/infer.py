@@ -151,6 +151,8 @@ def sliding_window_logits(module: nn.Module | Callable[[Tensor], Any], array_czy
     """
     shape = tuple(int(n) for n in array_czyx.shape[1:])
     patch = tuple(int(n) for n in spec.patch_size_zyx)
+    if 0 < math.prod(shape) <= spec.whole_volume_max_voxels:
+        patch = shape  # one window of the volume's own size (the manifest vouches the network takes it)
     padded_shape = tuple(max(s, p) for s, p in zip(shape, patch))
     before = [(p - s) // 2 for s, p in zip(shape, padded_shape)]
     if padded_shape != shape:

@@ -57,6 +57,7 @@ def test_tiny_manifest_parses_into_typed_records(bundle: Path) -> None:
     assert [step.op for step in spec.preprocess] == ["clip", "normalize"]
     assert spec.preprocess[1].params["mode"] == "window"
     assert spec.inference.patch_size_zyx == (32, 96, 96)
+    assert spec.inference.whole_volume_max_voxels == 0
     assert [label.value for label in spec.labels] == [1, 2]
     lung, nodule = spec.labels
     assert lung.type == CodeSpec("39607008", "SCT", "Lung")
@@ -223,4 +224,13 @@ def test_torchscript_bundle_may_name_its_own_architecture(manifest: dict[str, An
     assert parse(manifest, bundle).architecture.name == "hospital_resunet"
     manifest["weights"]["format"] = "state_dict"
     with pytest.raises(SpecError, match="architecture.name 'hospital_resunet' is unknown"):
+        parse(manifest, bundle)
+
+
+def test_whole_volume_inference_limit_is_read_and_must_not_be_negative(manifest: dict[str, Any],
+                                                                       bundle: Path) -> None:
+    manifest["inference"]["whole_volume_max_voxels"] = 3_000_000
+    assert parse(manifest, bundle).inference.whole_volume_max_voxels == 3_000_000
+    manifest["inference"]["whole_volume_max_voxels"] = -1
+    with pytest.raises(SpecError, match="inference.whole_volume_max_voxels"):
         parse(manifest, bundle)

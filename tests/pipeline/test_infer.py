@@ -242,3 +242,21 @@ def test_cuda_inference_under_autocast_agrees_with_the_cpu(tiny_handle: loader.M
     agree = on_gpu.probabilities_czyx.argmax(0) == on_cpu.probabilities_czyx.argmax(0)
     assert agree.mean() > 0.999
     np.testing.assert_allclose(on_gpu.probabilities_czyx, on_cpu.probabilities_czyx, atol=0.05)
+
+
+def test_small_volume_runs_as_one_window_of_its_own_size_when_the_manifest_allows() -> None:
+    volume = random_volume((1, 20, 37, 29))
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(x.shape))
+            return x
+
+    spec = InferenceSpec((8, 16, 16), 0.5, 2, whole_volume_max_voxels=20 * 37 * 29)
+    out = infer(Recording(), volume, spec)
+    assert out.windows == 1 and seen == [(1, 1, 20, 37, 29)]
+    logits, _, _ = sliding_window_logits(Identity(), volume, spec, torch.device("cpu"), 1)
+    np.testing.assert_allclose(logits.numpy(), volume, rtol=1e-6)
+    larger = InferenceSpec((8, 16, 16), 0.5, 2, whole_volume_max_voxels=20 * 37 * 29 - 1)
+    assert infer(Identity(), volume, larger).windows > 1
