@@ -129,19 +129,26 @@ class PhantomParams:
         ``origin_lps_mm`` the LPS position of voxel (0, 0, 0); the field of view is shape × spacing.
     Patient
         ``body_half_width_mm`` 130–195, ``body_half_depth_mm`` 0.62–0.82 of the width,
-        ``lung_height_mm`` 180–290, fat 4–40 mm, muscle 6–20 mm, roll ±6°, centre offsets ±25 mm
-        (left–right) and ±20 mm (anterior–posterior) from the field-of-view centre.
+        ``lung_height_mm`` about 180–310 (grows with the body), subcutaneous fat 3–25 mm (×1.15 for
+        women, thicker at the back), muscle 5–14 mm (paraspinal muscles thicker), roll ±6°, centre
+        offsets ±25 mm (left–right) and ±20 mm (anterior–posterior) from the field-of-view centre,
+        table height and z position arbitrary; the scan covers the lungs with 8–50 mm margins.
     Intensities (HU)
-        lung −880..−810 with a posterior (dependent) gradient 0–70, fat −115..−85, muscle 35–60,
-        blood 35–50 without contrast or 120–320 with (35 % of studies), liver 50–70, trabecular
-        bone 180–320 with a 500–900 cortex.
+        lung −890..−800 with a posterior (dependent) gradient 0–70, fat −115..−85, muscle 35–60,
+        blood 35–50 without contrast or 120–320 with (35 % of studies), liver 50–70 (90–130 with
+        contrast), trabecular bone 180–320 with a 500–900 cortex, a calibration offset ±6.
     Image quality
         ``noise_sigma_hu`` 10–40 (the standard deviation of the noise in the image),
-        ``blur_sigma_mm`` 0.35–0.9 (Gaussian point-spread function, in plane),
-        partial volume from the slice thickness (sub-slices averaged).
+        ``blur_sigma_mm`` 0.35–0.9 (Gaussian point-spread function, in plane, which also correlates
+        the noise), partial volume from the slice thickness (planes ≤ 1.6 mm apart averaged over
+        each slice's thickness).
+    Look-alikes that are not nodules
+        fissures (80 %), emphysematous bullae (20 %), a dependent subpleural density band (30 %),
+        gastric air (75 %), breasts (85 % of women), airways with walls, vessel branch points.
     Nodules
         0–``max_nodules`` (a quarter of the studies have none), 3–30 mm log-uniform, kinds solid
-        60 %, part-solid 20 %, ground-glass 20 %, attachment none 60 %, pleura 25 %, vessel 15 %.
+        60 %, part-solid 20 %, ground-glass 20 % (at least 5 mm), attachment none 60 %, pleura 25 %,
+        vessel 15 %; axis ratios e^N(0, 0.12), 0–4 lobulation harmonics of order 2–6.
     """
 
     seed: int
@@ -202,6 +209,7 @@ class PhantomParams:
     emphysema: float = 0.0  # fraction of lung points given a low-attenuation (−970 HU) bulla
     atelectasis_mm: float = 0.0  # thickness of a dependent subpleural density band in the lower lungs
     breast_mm: float = 0.0  # breast semi-axis (women), 0 for none
+    hu_offset: float = 0.0  # scanner calibration offset added to every voxel (HU)
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -490,6 +498,7 @@ def sample_phantom_params(
         emphysema=float(x_rng.uniform(0.05, 0.3)) if x_rng.random() < 0.2 else 0.0,
         atelectasis_mm=float(x_rng.uniform(3, 12)) if x_rng.random() < 0.3 else 0.0,
         breast_mm=float(x_rng.uniform(35, 75)) if sex == "F" and x_rng.random() < 0.85 else 0.0,
+        hu_offset=float(x_rng.uniform(-6, 6)),
     )
     if params.noise_sigma_hu < 0 or params.blur_sigma_mm < 0:
         raise PhantomError("noise_sigma_hu and blur_sigma_mm must be >= 0")
@@ -1351,6 +1360,8 @@ def _add_blur_and_noise(hu: NDArray[np.float32], p: PhantomParams) -> NDArray[np
     sigma_px = p.blur_sigma_mm / p.pixel_spacing_mm
     gain = _gauss_gain(sigma_px) ** 2
     rng = _rng(p.seed, "noise")
+    if p.hu_offset:
+        hu += np.float32(p.hu_offset)
     if p.noise_sigma_hu > 0:
         noise = rng.standard_normal(hu.shape, dtype=np.float32)
         noise *= np.float32(p.noise_sigma_hu / gain)
