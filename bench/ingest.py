@@ -197,6 +197,7 @@ class Receiver:
 
     name = "?"
     ae_title = "?"
+    tool_names = "echoscu"
 
     def start(self, folder: Path) -> int:
         """Start with empty storage under ``folder``; return the DICOM port once it answers C-ECHO."""
@@ -294,6 +295,7 @@ class EdgeNode(Receiver):
 class StoreSCP(Receiver):
     name = "storescp"
     ae_title = "STORESCP"
+    tool_names = "storescp"
 
     def __init__(self, pdu_bytes: int):
         self.pdu_bytes = pdu_bytes
@@ -329,6 +331,7 @@ class StoreSCP(Receiver):
 class Orthanc(Receiver):
     name = "orthanc"
     ae_title = "ORTHANC"
+    tool_names = "Orthanc"
 
     def __init__(self, pdu_bytes: int):
         self.pdu_bytes = pdu_bytes
@@ -531,8 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = [("single", 1), (f"{args.senders} senders", args.senders)] if args.senders > 1 else [("single", 1)]
     results = {(r.name, mode): Result(r.name, mode, n) for r in receivers for mode, n in modes}
     try:
-        for t in ("storescu", "echoscu"):
-            tool(t)
+        for t in ("storescu", "echoscu", *(r.tool_names for r in receivers)):
+            tool(t)  # fail before the long part when a tool is missing
         series = work / "series"
         series.mkdir()
         print(f"generating {args.slices} slices {args.size}x{args.size} int16 in {series} ...", flush=True)
