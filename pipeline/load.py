@@ -41,8 +41,9 @@ from pipeline.types import SourceFrame, SourceSeries, Volume
 
 logger = logging.getLogger(__name__)
 
-#: Elements longer than this are read from the file only when used (pixel data): headers stay small.
-_DEFER_BYTES = 8 * 1024
+#: Elements longer than this are read from the file only when used, so the encoded pixel data of all
+#: instances is never in memory at once; `_header` reads every other deferred element in.
+_DEFER_BYTES = 64 * 1024
 
 #: Image Orientation (Patient) cosines that differ by at most this are the same orientation (≈0.06°).
 _ORIENTATION_TOLERANCE = 1e-3
@@ -316,6 +317,11 @@ class _PixelSource:
     def hounsfield(self, frame: _Frame) -> NDArray[np.float32]:
         """Stored values × Rescale Slope + Rescale Intercept (PS3.3 C.11.1.1.2), as float32."""
         stored = self.stored(frame)
+        if frame.slope == 1.0 and float(frame.intercept).is_integer() and stored.dtype.itemsize <= 2:
+            # Exact in float32 (|values| < 2**24): skip the float64 round trip (a third of load time).
+            hu = stored.astype(np.float32)
+            hu += np.float32(frame.intercept)
+            return hu
         return (stored.astype(np.float64) * frame.slope + frame.intercept).astype(np.float32)
 
 
@@ -498,7 +504,7 @@ def load_series(
     for k, frame in enumerate(stack):
         array[k] = pixels.hounsfield(frame)
         if frame.frame_number is None:
-            _header(datasets[frame.instance])  # free the encoded pixels as soon as they are decoded
+            _drop_pixels(datasets[frame.instance])  # free the encoded pixels once decoded
     pixels.release()
 
     used_instances: list[int] = []
@@ -542,11 +548,21 @@ def load_series(
     )
 
 
-def _header(ds: Dataset) -> Dataset:
-    """The instance's header without pixel data, for highdicom ``source_images``."""
+def _drop_pixels(ds: Dataset) -> None:
     for keyword in _PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)
+
+
+def _header(ds: Dataset) -> Dataset:
+    """The instance's header without pixel data, for highdicom ``source_images``.
+
+    Deferred elements other than the pixel data are read in now, so the header no longer depends on
+    the file (the spool may move or retire it before the encoders run).
+    """
+    _drop_pixels(ds)
+    for _ in ds:  # iterating converts each raw element, reading deferred values from the file
+        pass
     return ds
 
 
