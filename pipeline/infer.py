@@ -107,25 +107,30 @@ def infer(model_handle: ModelHandle | nn.Module | Callable[[Tensor], Any],
         try:
             logits, study_logit, windows = sliding_window_logits(module, array, spec, target, batch)
             break
-        except torch.OutOfMemoryError:
-            _release(target)
-            if batch > 1:
-                log.warning("event=infer_out_of_memory device=%s batch_size=%d action=retry_batch_size_%d",
-                            target, batch, batch // 2)
-                batch //= 2
-                continue
-            if target.type != "cpu":
-                log.warning("event=infer_out_of_memory device=%s batch_size=1 action=retry_on_cpu", target)
-                cpu = torch.device("cpu")
-                module = (load_model(spec_handle.spec, cpu).module if spec_handle is not None
-                          else _module_on_cpu(module))
-                target, batch = cpu, max(1, int(spec.batch_size))
-                continue
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+            if not _is_out_of_memory(exc):
+                raise
+        # Out of memory; the failed attempt's tensors are gone once the except clause is left.
+        _release(target)
+        if batch > 1:
+            log.warning("event=infer_out_of_memory device=%s batch_size=%d action=retry_batch_size_%d",
+                        target, batch, batch // 2)
+            batch //= 2
+        elif target.type != "cpu":
+            log.warning("event=infer_out_of_memory device=%s batch_size=1 action=retry_on_cpu", target)
+            cpu = torch.device("cpu")
+            module = (load_model(spec_handle.spec, cpu).module if spec_handle is not None
+                      else _module_on_cpu(module))
+            target, batch = cpu, max(1, int(spec.batch_size))
+        else:
             raise TransientPipelineError(
-                "out of memory during inference on the CPU with batch size 1; free memory or use a "
-                "smaller patch size") from None
+                "out of memory during inference on the CPU with batch size 1; free memory or lower "
+                "the model's inference.patch_size_zyx / whole_volume_max_voxels")
     with torch.inference_mode():
-        probabilities = torch.softmax(logits, dim=0).cpu().numpy().astype(np.float32, copy=False)
+        # softmax on the CPU: the volume-sized copy must not be what exhausts a full GPU
+        probabilities = torch.softmax(logits.cpu(), dim=0).numpy().astype(np.float32, copy=False)
+    del logits
+    _release(target)
     seconds = time.perf_counter() - started
     log.info("event=infer_done device=%s windows=%d batch_size=%d seconds=%.3f", target, windows, batch,
              seconds)
@@ -234,6 +239,14 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError; numpy a MemoryError."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "not enough memory" in text
 
 
 def _release(device: torch.device) -> None:

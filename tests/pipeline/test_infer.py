@@ -260,3 +260,26 @@ def test_small_volume_runs_as_one_window_of_its_own_size_when_the_manifest_allow
     np.testing.assert_allclose(logits.numpy(), volume, rtol=1e-6)
     larger = InferenceSpec((8, 16, 16), 0.5, 2, whole_volume_max_voxels=20 * 37 * 29 - 1)
     assert infer(Identity(), volume, larger).windows > 1
+
+
+def test_cpu_allocator_failure_counts_as_out_of_memory(caplog: pytest.LogCaptureFixture) -> None:
+    class CpuAllocatorFailsAboveBatchOne(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 1:
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                                   "allocate memory: you tried to allocate 99 bytes")
+            return x
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.infer"):
+        out = infer(CpuAllocatorFailsAboveBatchOne(), random_volume((1, 8, 16, 24)), SPEC)
+    assert out.batch_size == 1
+    assert any("event=infer_out_of_memory" in r.getMessage() for r in caplog.records)
+
+
+def test_other_runtime_errors_are_not_mistaken_for_out_of_memory() -> None:
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("Given groups=1, weight of size [8, 2, 3, 3, 3], expected 2 channels")
+
+    with pytest.raises(RuntimeError, match="expected 2 channels"):
+        infer(Broken(), random_volume((1, 8, 16, 16)), SPEC)
