@@ -168,7 +168,10 @@ def sliding_window_logits(module: nn.Module | Callable[[Tensor], Any], array_czy
     else:
         padded = array_czyx
     windows = list(window_slices(padded_shape, patch, spec.overlap))
-    importance = torch.from_numpy(gaussian_importance_map(patch, spec.gaussian_sigma_scale)).to(device)
+    if len(windows) == 1:  # nothing to blend: uniform weights keep the logits exact
+        importance = torch.ones(patch, dtype=torch.float32, device=device)
+    else:
+        importance = torch.from_numpy(gaussian_importance_map(patch, spec.gaussian_sigma_scale)).to(device)
     logits_sum: Tensor | None = None
     weight_sum = torch.zeros(padded_shape, dtype=torch.float32, device=device)
     study_logit: float | None = None
