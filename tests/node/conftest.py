@@ -294,7 +294,7 @@ _LISTENING = re.compile(r"event=listening .*port=(\d+)")
 class ServeProcess:
     """``python -m node.cli serve --config FILE`` with stdout/stderr captured to files."""
 
-    def __init__(self, config: Path, log_dir: Path) -> None:
+    def __init__(self, config: Path, log_dir: Path, env_extra: dict[str, str] | None = None) -> None:
         self.config = config
         log_dir.mkdir(parents=True, exist_ok=True)
         self.stdout_path = log_dir / f"serve-{time.monotonic_ns()}.out"
@@ -303,6 +303,7 @@ class ServeProcess:
         self._err = open(self.stderr_path, "wb")
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
+        env.update(env_extra or {})
         self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
                                      cwd=REPO, stdout=self._out, stderr=self._err, env=env)
         self.port = 0
