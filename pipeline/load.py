@@ -488,6 +488,13 @@ def load_series(
 
     reference = stack[0]
     pixel_spacing = _pixel_spacing(reference)
+    sources = [(f.sop_instance_uid, f.frame_number) for f in stack]
+    if len(set(sources)) != len(sources):
+        raise InputRejectedError(
+            "conflicting_duplicates",
+            "one SOP Instance UID appears at two slice positions; an instance was changed without a "
+            "new UID: resend the series",
+        )
     positions = np.array([_position(f) for f in stack], dtype=np.float64)
     _check_in_plane_drift(positions, normal, pixel_spacing, datasets[reference.instance])
     distances = positions @ normal

@@ -172,6 +172,23 @@ def test_conflicting_duplicates_are_rejected(tmp_path: Path, stored: np.ndarray)
     _assert_reason(excinfo, "conflicting_duplicates")
 
 
+def test_one_sop_instance_uid_at_two_positions_is_rejected(tmp_path: Path, stored: np.ndarray) -> None:
+    paths = write_ct_series(tmp_path / "a", stored)
+    moved = pydicom.dcmread(paths[3])
+    moved.SOPInstanceUID = pydicom.dcmread(paths[2]).SOPInstanceUID
+    moved.save_as(paths[3])
+    with pytest.raises(InputRejectedError) as excinfo:
+        load_series(paths)
+    _assert_reason(excinfo, "conflicting_duplicates")
+
+
+def test_the_same_file_given_twice_is_loaded_once(tmp_path: Path, stored: np.ndarray) -> None:
+    paths = write_ct_series(tmp_path / "a", stored)
+    series = load_series([*paths, paths[0], tmp_path / "a"])
+    assert series.volume.shape_zyx == (8, 32, 32)
+    assert series.notes == ()
+
+
 def test_missing_slice_is_rejected(tmp_path: Path, stored: np.ndarray) -> None:
     paths = write_ct_series(tmp_path, stored)
     with pytest.raises(InputRejectedError) as excinfo:

@@ -66,6 +66,21 @@ def test_linear_resampling_reproduces_a_linear_ramp_exactly_at_interior_points()
     np.testing.assert_allclose(out.array_zyx[:19, 0, 0], np.arange(19) * 5.0, atol=1e-4)
 
 
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_resampling_matches_scipy_affine_transform_with_edge_repetition(order: int) -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(order)
+    array = rng.normal(0, 100, size=(9, 13, 11)).astype(np.float32)
+    volume = Volume(array, _affine((2.0, 0.7, 0.9)))
+    out, record = resample(volume, (0.9, 1.6, 0.45), order=order)
+    expected = ndimage.affine_transform(
+        array, np.array(record.step_zyx), output_shape=out.shape_zyx, order=order, mode="nearest"
+    )
+    np.testing.assert_allclose(out.array_zyx, expected, atol=2e-3)
+    assert out.array_zyx.dtype == np.float32
+
+
 def test_clip_limits_the_range_and_keeps_the_grid() -> None:
     volume = _phantom_volume()
     out, record = clip(volume, min=-900.0, max=0.0)
