@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 from config.settings import Settings
@@ -109,10 +110,12 @@ def serve(settings: Settings) -> int:
     notify.ready(f"listening on port {port}")
 
     exit_code = 0
-    interval = notify.watchdog_interval_seconds()
-    while not stop.wait(interval or 1.0):
-        if interval:
+    watchdog_interval = notify.watchdog_interval_seconds()
+    next_ping = 0.0
+    while not stop.wait(0.5):
+        if watchdog_interval and time.monotonic() >= next_ping:
             notify.watchdog()
+            next_ping = time.monotonic() + watchdog_interval
         dead = [p for p in children if not p.is_alive()]
         if dead:
             log.error("event=receiver_process_died exitcode=%s action=stop", dead[0].exitcode)
