@@ -205,6 +205,8 @@ def _load_module(spec: ModelSpec, path: Path, device: torch.device) -> nn.Module
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise WeightsError(f"model {spec.name}: {path} holds a {type(state).__name__}, not a state_dict")
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel/DDP
     try:
         result = network.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches

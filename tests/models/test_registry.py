@@ -197,3 +197,15 @@ def test_bundle_copied_elsewhere_still_loads(model_dir: Path, tmp_path: Path) ->
     shutil.copytree(model_dir / "tiny", moved)
     handle = load_model(ModelRegistry(moved.parent).get("tiny_test_model"), "cpu")
     assert handle.spec.bundle_dir == moved
+
+
+def test_checkpoints_with_a_state_dict_entry_or_data_parallel_prefixes_load(model_dir: Path) -> None:
+    bundle = model_dir / "tiny"
+    reference = load_model(load_spec(bundle), "cpu")
+    state = {f"module.{k}": v for k, v in reference.module.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 7}, bundle / "weights.pt")
+    set_manifest_line(bundle, load_spec(bundle).weights.sha256, sha256_file(bundle / "weights.pt"))
+    loader.clear_cache()
+    handle = load_model(load_spec(bundle), "cpu")
+    for key, value in reference.module.state_dict().items():
+        assert torch.equal(handle.module.state_dict()[key], value)
