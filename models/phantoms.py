@@ -834,16 +834,16 @@ def _place_nodules(
     hi = lo + np.array([(nx - 1) * p.pixel_spacing_mm, (ny - 1) * p.pixel_spacing_mm, (nz - 1) * p.slice_spacing_mm])
     # Unit directions for the distance-to-pleura probe.
     golden = np.pi * (3 - np.sqrt(5))
-    n_dir = 40
+    n_dir = 26
     idx = np.arange(n_dir) + 0.5
     zz = 1 - 2 * idx / n_dir
     rr = np.sqrt(1 - zz * zz)
     dirs = np.stack([rr * np.cos(golden * idx), rr * np.sin(golden * idx), zz], axis=1)
-    steps = np.arange(0.5, 41.0, 1.0)
+    steps = np.arange(0.75, 36.0, 1.5)
     probe = dirs[:, None, :] * steps[None, :, None]  # (dir, step, 3)
     tubes: list[_Tube] | None = None
     placed: list[NoduleSpec] = []
-    for n_i in range(count):
+    for _ in range(count):
         kind = str(rng.choice(kinds) if kinds else rng.choice(NODULE_KINDS, p=(0.6, 0.2, 0.2)))
         attached = str(rng.choice(attachments) if attachments else rng.choice(NODULE_ATTACHMENTS, p=(0.6, 0.25, 0.15)))
         lo_d, hi_d = diameter_range
@@ -878,12 +878,15 @@ def _place_nodules(
                 attached = "none"
         if len(cands) == 0:
             continue
-        cands = cands[:200]
-        pts = cands[:, None, None, :] + probe[None]  # (cand, dir, step, 3)
-        inside = anat.lung(pts[..., 0], pts[..., 1], pts[..., 2])
-        first_out = np.where(inside.all(axis=2), steps[-1] + 1, steps[np.argmin(inside, axis=2)])
-        dist = first_out.min(axis=1)  # mm to the nearest lung boundary (1 mm steps)
+        cands = cands[:96]
+        first_out = _distance_probe(anat, cands, probe, steps)
+        dist = first_out.min(axis=1)  # mm to the nearest lung boundary (1.5 mm steps)
         if attached == "pleura":
+            # slide each candidate towards its nearest pleura until 0.65 radius from it, then re-probe
+            nearest = dirs[np.argmin(first_out, axis=1)]
+            cands = cands + nearest * (dist - 0.65 * radius)[:, None]
+            cands = cands[anat.lung(cands[:, 0], cands[:, 1], cands[:, 2])]
+            dist = _distance_probe(anat, cands, probe, steps).min(axis=1)
             good = (dist >= 0.45 * radius) & (dist <= 0.85 * radius + 0.5)
         else:
             good = dist >= radius + 1.5
@@ -891,9 +894,7 @@ def _place_nodules(
             gap = np.linalg.norm(cands - np.array(other.center_lps_mm), axis=1)
             good &= gap > radius + other.diameter_mm / 2 + 3.0
         if not good.any():
-            if attached != "pleura" and len(cands):
-                continue
-            continue
+            continue  # this nodule does not fit: fewer are placed (documented)
         center = cands[int(np.argmax(good))]
         axes = np.exp(rng.normal(0, 0.12, 3))
         axes /= axes.prod() ** (1 / 3)
@@ -923,8 +924,17 @@ def _place_nodules(
                 core_hu=core_hu,
             )
         )
-        del n_i
     return tuple(placed)
+
+
+def _distance_probe(
+    anat: _Anatomy, cands: NDArray[np.float64], probe: NDArray[np.float64], steps: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """Distance (mm, at the probe's step) from each candidate to the lung boundary along each
+    probe direction: ``(candidate, direction)``."""
+    pts = cands[:, None, None, :] + probe[None]  # (cand, dir, step, 3)
+    inside = anat.lung(pts[..., 0], pts[..., 1], pts[..., 2])
+    return np.where(inside.all(axis=2), steps[-1] + 1, steps[np.argmin(inside, axis=2)])
 
 
 # ---------------------------------------------------------------------------------------- rendering

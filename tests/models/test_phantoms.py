@@ -93,7 +93,7 @@ def test_nodule_voxels_have_their_kinds_attenuation(fine_phantom: Phantom) -> No
 
 @pytest.mark.parametrize("kind", ["solid", "part_solid", "ground_glass"])
 def test_each_nodule_kind_can_be_requested(kind: str) -> None:
-    ph = generate_phantom(5, spacing_mm=(2.5, 2.5, 2.5), nodules=2, nodule_kinds=[kind], nodule_diameter_mm=(10, 14))
+    ph = generate_phantom(5, spacing_mm=(3.0, 3.0, 3.0), nodules=2, nodule_kinds=[kind], nodule_diameter_mm=(10, 14))
     assert ph.nodules and all(n.kind == kind for n in ph.nodules)
     solid_like = np.median(ph.hu_zyx[ph.nodule_zyx])
     assert (solid_like > -250) if kind == "solid" else (solid_like < -100)
@@ -234,7 +234,7 @@ def test_tissues_have_realistic_attenuation(fine_phantom: Phantom) -> None:
 @pytest.mark.parametrize("attachment", ["vessel", "pleura"])
 def test_attached_nodules_touch_what_they_are_attached_to(attachment: str) -> None:
     ph = generate_phantom(
-        17, spacing_mm=(2.0, 2.0, 2.0), nodules=3, nodule_attachments=[attachment], nodule_diameter_mm=(8, 16),
+        17, spacing_mm=(2.5, 2.5, 2.5), nodules=3, nodule_attachments=[attachment], nodule_diameter_mm=(8, 16),
         noise_sigma_hu=10.0,
     )
     assert ph.nodules and all(n.attached == attachment for n in ph.nodules)
