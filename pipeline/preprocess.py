@@ -607,7 +607,13 @@ def _resample_channels(
     return np.stack([_resample_array(a, step, shape, order) for a in array])
 
 
-def invert_to_source(array_zyx_or_czyx: NDArray[Any], records: Sequence[PreprocessRecord], *, order: int = 0) -> NDArray[Any]:
+def invert_to_source(
+    array_zyx_or_czyx: NDArray[Any],
+    records: Sequence[PreprocessRecord],
+    *,
+    order: int = 0,
+    out: NDArray[Any] | None = None,
+) -> NDArray[Any]:
     """Map an array on the preprocessed grid back onto the source grid of ``records[0]``.
 
     Parameters
@@ -619,17 +625,20 @@ def invert_to_source(array_zyx_or_czyx: NDArray[Any], records: Sequence[Preproce
         The records `run_plan` returned, in order.
     order
         0 for label maps (nearest, values kept exactly), 1 for probabilities (linear).
+    out
+        Optional destination of the result's shape (e.g. one channel of a preallocated
+        ``[c, k, j, i]`` array): written in place, which saves a source-sized temporary.
 
     Returns
     -------
     NDArray
         The same dtype, with the source volume's shape (and the channel axis if given); its affine is
-        ``records[0].source_affine_lps``. Voxels outside a crop are 0 (background).
+        ``records[0].source_affine_lps``. Voxels outside a crop are 0 (background). ``out`` when given.
 
     Raises
     ------
     ValueError
-        The array's grid is not the plan's output grid.
+        The array's grid is not the plan's output grid, or ``out`` has the wrong shape.
     """
     array = np.asarray(array_zyx_or_czyx)
     if array.ndim not in (3, 4):
@@ -640,19 +649,30 @@ def invert_to_source(array_zyx_or_czyx: NDArray[Any], records: Sequence[Preproce
             f"array grid {_spatial(array)} is not the plan's output grid {records[-1].output_shape_zyx}"
         )
     lead = array.shape[:-3]
-    for record in reversed(geometric):
+    if out is not None and records and tuple(out.shape) != lead + records[0].source_shape_zyx:
+        raise ValueError(f"out has shape {out.shape}, expected {lead + records[0].source_shape_zyx}")
+    for n, record in enumerate(reversed(geometric)):
+        last = n == len(geometric) - 1
         if record.op == "pad_to_multiple" and record.pad_widths_zyx is not None:
             (a0, _), (b0, _), (c0, _) = record.pad_widths_zyx
             nz, ny, nx = record.source_shape_zyx
             array = array[..., a0 : a0 + nz, b0 : b0 + ny, c0 : c0 + nx]
         elif record.crop_box_zyx is not None:
             (k0, k1), (j0, j1), (i0, i1) = record.crop_box_zyx
-            full = np.zeros(lead + record.source_shape_zyx, dtype=array.dtype)
+            if last and out is not None:
+                full = out
+                full.fill(0)
+            else:
+                full = np.zeros(lead + record.source_shape_zyx, dtype=array.dtype)
             full[..., k0:k1, j0:j1, i0:i1] = array
             array = full
         elif record.op == "resample" and record.step_zyx is not None:
             inverse = tuple(1.0 / s for s in record.step_zyx)
             array = _resample_channels(array, inverse, record.source_shape_zyx, order)
+    if out is not None:
+        if array is not out:
+            out[...] = array
+        return out
     return np.ascontiguousarray(array)
 
 

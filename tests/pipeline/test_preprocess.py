@@ -236,6 +236,19 @@ def test_run_plan_chains_manifest_steps_and_inverts_back_to_the_source_grid() ->
     assert _dice(restored == 1, lungs) > 0.9
 
 
+def test_invert_writes_into_a_given_destination() -> None:
+    volume = Volume(chest_phantom_hu((24, 64, 64)), _affine((8.0, 5.5, 5.5)))
+    steps = [StepSpec("crop_lungs", {"margin_mm": 5.0}), StepSpec("resample", {"spacing_mm": 6.0})]
+    out, records = run_plan(volume, steps)
+    destination = np.full((2, 24, 64, 64), 7.0, dtype=np.float32)
+    result = invert_to_source(out.array_zyx, records, order=1, out=destination[1])
+    assert result is destination[1] or np.shares_memory(result, destination)
+    np.testing.assert_array_equal(destination[1], invert_to_source(out.array_zyx, records, order=1))
+    assert (destination[0] == 7.0).all()
+    with pytest.raises(ValueError, match="out"):
+        invert_to_source(out.array_zyx, records, order=1, out=np.zeros((3, 3, 3), dtype=np.float32))
+
+
 def test_run_plan_rejects_unknown_operations_and_parameters() -> None:
     volume = _phantom_volume()
     with pytest.raises(ValueError, match="sharpen"):
