@@ -73,6 +73,26 @@ def test_compressed_bundled_images_decode_like_their_uncompressed_original(tmp_p
     np.testing.assert_array_equal(series.volume.array_zyx, reference.volume.array_zyx)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "bad_sequence.dcm",  # JPEG Lossless (process 14), a malformed private sequence
+        "J2K_pixelrep_mismatch.dcm",  # JPEG 2000 whose signedness disagrees with Pixel Representation
+        "693_J2KI.dcm",  # lossy JPEG 2000
+        "explicit_VR-UN.dcm",  # elements with VR UN in an explicit VR file
+    ],
+)
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_quirky_scanner_files_load_with_hounsfield_units_from_their_header(tmp_path: Path, name: str) -> None:
+    source = _bundled(name)
+    series = load_series(_stack_copies(source, tmp_path, n=2))
+    ds = pydicom.dcmread(source)
+    slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+    expected = (ds.pixel_array.astype(np.float64) * slope + intercept).astype(np.float32)
+    assert series.volume.shape_zyx == (2, int(ds.Rows), int(ds.Columns))
+    np.testing.assert_array_equal(series.volume.array_zyx[1], expected)
+
+
 def test_jpeg2000_ct_decodes_like_the_uncompressed_ct(tmp_path: Path) -> None:
     reference = load_series(_stack_copies(_bundled("693_UNCR.dcm"), tmp_path / "plain", n=2))
     series = load_series(_stack_copies(_bundled("693_J2KR.dcm"), tmp_path / "j2k", n=2))
