@@ -17,7 +17,8 @@ Reason codes raised here: ``unreadable_file``, ``mixed_series``, ``missing_frame
 ``mixed_frame_of_reference``,
 ``no_pixel_data``, ``unsupported_pixel_format``, ``unsupported_multiframe``, ``missing_geometry``,
 ``mixed_orientations``, ``mixed_image_sizes``, ``too_few_slices``, ``conflicting_duplicates``,
-``gantry_tilt``, ``inconsistent_positions``, ``missing_slices``, ``irregular_spacing``.
+``gantry_tilt``, ``inconsistent_positions``, ``missing_slices``, ``irregular_spacing``,
+``undecodable_pixel_data``. An operating-system error while reading raises `TransientPipelineError`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
 
-from pipeline.errors import InputRejectedError
+from pipeline.errors import InputRejectedError, TransientPipelineError
 from pipeline.types import SourceFrame, SourceSeries, Volume
 
 logger = logging.getLogger(__name__)
@@ -285,6 +286,24 @@ def _pixel_spacing(frame: _Frame) -> tuple[float, float]:
     return frame.pixel_spacing
 
 
+def _decode(ds: Dataset) -> NDArray[Any]:
+    """Decode the stored values; a corrupt or undecodable pixel stream is a permanent rejection.
+
+    pydicom raises ValueError for pixel data shorter than Rows × Columns × frames and RuntimeError when
+    every decoder plugin failed (a corrupt JPEG stream) or none supports the transfer syntax.
+    """
+    try:
+        return pixel_array(ds)
+    except (ValueError, RuntimeError, NotImplementedError, EOFError) as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise InputRejectedError(
+            "undecodable_pixel_data",
+            f"the pixel data of an image cannot be decoded ({type(exc).__name__}, transfer syntax "
+            f"{name}); it is truncated or corrupt, or no decoder for it is installed",
+        ) from exc
+
+
 class _PixelSource:
     """Decodes stored values lazily: multi-frame instances once (cached), single frames on demand."""
 
@@ -299,10 +318,10 @@ class _PixelSource:
     def stored(self, frame: _Frame) -> NDArray[Any]:
         ds = self._datasets[frame.instance]
         if frame.frame_number is None:
-            array = pixel_array(ds)
+            array = _decode(ds)
         else:
             if frame.instance not in self._cache:
-                self._cache[frame.instance] = pixel_array(ds)
+                self._cache[frame.instance] = _decode(ds)
             array = self._cache[frame.instance]
             if array.ndim == 3:
                 array = array[frame.frame_number - 1]
@@ -326,11 +345,17 @@ class _PixelSource:
 
 
 def _read(files: Sequence[Path]) -> list[Dataset]:
+    """Read the instances (large values deferred). A file that is not DICOM is a rejection; an OS error
+    (vanished file, I/O error) is transient: the spool may be briefly unavailable."""
     datasets = []
     for path in files:
         try:
             datasets.append(pydicom.dcmread(path, defer_size=_DEFER_BYTES))
-        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        except OSError as exc:
+            raise TransientPipelineError(
+                f"cannot read a file of the series ({exc.strerror or type(exc).__name__}); retry later"
+            ) from exc
+        except (InvalidDicomError, EOFError, ValueError) as exc:
             raise InputRejectedError(
                 "unreadable_file",
                 f"a file of the series cannot be read as DICOM ({type(exc).__name__}); "
@@ -444,6 +469,8 @@ def load_series(
     InputRejectedError
         With the reason codes listed in the module docstring. Gantry tilt is rejected, not resampled:
         the message names the tilt angle.
+    TransientPipelineError
+        A file could not be read for an operating-system reason (vanished, I/O error).
     """
     files = _expand(paths)
     if not files:

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from pipeline.errors import InputRejectedError
+from pipeline.errors import InputRejectedError, TransientPipelineError
 from pipeline.load import group_series, load_series
 from tests.pipeline.conftest import (
     AXIAL,
@@ -300,6 +300,32 @@ def test_instances_without_pixel_data_are_rejected(tmp_path: Path, stored: np.nd
     with pytest.raises(InputRejectedError) as excinfo:
         load_series(paths)
     _assert_reason(excinfo, "no_pixel_data")
+
+
+def test_corrupt_compressed_pixel_data_is_rejected(tmp_path: Path, stored: np.ndarray) -> None:
+    from pydicom.encaps import encapsulate, generate_frames
+
+    paths = write_ct_series(tmp_path, stored[:3], transfer_syntax=JPEG2000Lossless)
+    ds = pydicom.dcmread(paths[1])
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) // 2]])
+    ds.save_as(paths[1])
+    with pytest.raises(InputRejectedError) as excinfo:
+        load_series(paths)
+    _assert_reason(excinfo, "undecodable_pixel_data")
+    assert "JPEG 2000" in excinfo.value.message
+
+
+def test_a_file_that_is_not_dicom_is_rejected_and_a_vanished_file_is_transient(
+    tmp_path: Path, stored: np.ndarray
+) -> None:
+    paths = write_ct_series(tmp_path, stored[:3])
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    with pytest.raises(InputRejectedError) as excinfo:
+        load_series([*paths, tmp_path / "notes.txt"])
+    _assert_reason(excinfo, "unreadable_file")
+    with pytest.raises(TransientPipelineError):
+        load_series([*paths, tmp_path / "gone.dcm"])
 
 
 def test_files_of_two_series_are_rejected(tmp_path: Path, stored: np.ndarray) -> None:

@@ -117,6 +117,12 @@ def test_bundled_enhanced_ct_loads_each_frame_with_its_plane_position(tmp_path: 
     assert series.datasets[0].SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.1"
 
 
+def test_truncated_pixel_data_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(InputRejectedError) as excinfo:
+        load_series(_stack_copies(_bundled("MR_truncated.dcm"), tmp_path, n=2))
+    assert excinfo.value.reason == "undecodable_pixel_data"
+
+
 def test_multiframe_without_functional_groups_is_rejected() -> None:
     with pytest.raises(InputRejectedError) as excinfo:
         load_series([_bundled("emri_small.dcm")])
