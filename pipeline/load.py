@@ -391,6 +391,29 @@ def _check_identity(datasets: list[Dataset]) -> tuple[str, str, str, str]:
     return studies.pop(), series.pop(), frames_of_reference.pop(), modality
 
 
+def _set_aside_non_images(
+    datasets: list[Dataset], files: list[Path], notes: list[str]
+) -> tuple[list[Dataset], list[Path]]:
+    """Drop instances that are not images at all (no Rows, no pixel data: a structured report or a
+    presentation state filed into the series), with a note; an image without pixel data is rejected."""
+    kept_datasets, kept_files = [], []
+    for ds, path in zip(datasets, files):
+        has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
+        if has_pixels:
+            kept_datasets.append(ds)
+            kept_files.append(path)
+        elif "Rows" in ds:
+            raise InputRejectedError(
+                "no_pixel_data",
+                "an image instance has Rows and Columns but no Pixel Data (7FE0,0010); resend it",
+            )
+    if not kept_datasets:
+        raise InputRejectedError("no_pixel_data", f"none of the {len(datasets)} instances holds pixel data")
+    if len(kept_datasets) < len(datasets):
+        notes.append(f"excluded {len(datasets) - len(kept_datasets)} non-image instance(s) (no pixel data)")
+    return kept_datasets, kept_files
+
+
 def _select_stack(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
     """Set localizers and small off-orientation groups aside (noted); reject real mixtures."""
     localizers = [f for f in frames if f.is_localizer]
@@ -478,12 +501,8 @@ def load_series(
     datasets = _read(files)
     study_uid, series_uid, frame_of_reference_uid, modality = _check_identity(datasets)
 
-    without_pixels = sum(1 for ds in datasets if not any(k in ds for k in _PIXEL_KEYWORDS))
-    if without_pixels:
-        raise InputRejectedError(
-            "no_pixel_data",
-            f"{without_pixels} of {len(datasets)} instances have no Pixel Data (7FE0,0010)",
-        )
+    notes: list[str] = []
+    datasets, files = _set_aside_non_images(datasets, files, notes)
     for ds in datasets:
         if "PixelData" not in ds or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             raise InputRejectedError(
@@ -495,7 +514,6 @@ def load_series(
     for index, ds in enumerate(datasets):
         frames.extend(_frames_of(ds, index, len(frames)))
 
-    notes: list[str] = []
     stack = _select_stack(frames, notes)
     reference = stack[0]
     row_cosine, column_cosine = _orientation(reference)[:3], _orientation(reference)[3:]

@@ -328,6 +328,22 @@ def test_a_file_that_is_not_dicom_is_rejected_and_a_vanished_file_is_transient(
         load_series([*paths, tmp_path / "gone.dcm"])
 
 
+def test_non_image_instances_in_the_series_are_set_aside_with_a_note(tmp_path: Path, stored: np.ndarray) -> None:
+    paths = write_ct_series(tmp_path, stored)
+    report = pydicom.dcmread(paths[0])
+    for keyword in ("PixelData", "Rows", "Columns", "ImagePositionPatient"):
+        delattr(report, keyword)
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
+    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    report.save_as(tmp_path / "report.dcm")
+    series = load_series([*paths, tmp_path / "report.dcm"])
+    assert series.volume.shape_zyx == (8, 32, 32)
+    assert any("non-image" in note for note in series.notes)
+    with pytest.raises(InputRejectedError) as excinfo:
+        load_series([tmp_path / "report.dcm"])
+    _assert_reason(excinfo, "no_pixel_data")
+
+
 def test_files_of_two_series_are_rejected(tmp_path: Path, stored: np.ndarray) -> None:
     first = write_ct_series(tmp_path / "one", stored[:3])
     second = write_ct_series(tmp_path / "two", stored[:3])
