@@ -38,9 +38,12 @@ Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 GEOMETRIC_OPS = frozenset({"resample", "crop_body", "crop_lungs", "pad_to_multiple"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PreprocessRecord:
     """What one preprocessing step did, enough to map results back onto its input grid.
+
+    Records compare by identity (``eq=False``): they hold affines as arrays, whose ``==`` is
+    element-wise.
 
     Attributes
     ----------
