@@ -144,7 +144,8 @@ class PhantomParams:
         each slice's thickness).
     Look-alikes that are not nodules
         fissures (80 %), emphysematous bullae (20 %), a dependent subpleural density band (30 %),
-        gastric air (75 %), breasts (85 % of women), airways with walls, vessel branch points.
+        gastric air (75 %), breasts (85 % of women), airways with walls, vessel branch points;
+        a circular reconstruction field of view (−1024 HU corners) in 40 % of studies.
     Nodules
         0–``max_nodules`` (a quarter of the studies have none), 3–30 mm log-uniform, kinds solid
         60 %, part-solid 20 %, ground-glass 20 % (at least 5 mm), attachment none 60 %, pleura 25 %,
@@ -210,6 +211,7 @@ class PhantomParams:
     atelectasis_mm: float = 0.0  # thickness of a dependent subpleural density band in the lower lungs
     breast_mm: float = 0.0  # breast semi-axis (women), 0 for none
     hu_offset: float = 0.0  # scanner calibration offset added to every voxel (HU)
+    circular_fov: bool = False  # outside the reconstruction circle the image is −1024 HU
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -499,6 +501,7 @@ def sample_phantom_params(
         atelectasis_mm=float(x_rng.uniform(3, 12)) if x_rng.random() < 0.3 else 0.0,
         breast_mm=float(x_rng.uniform(35, 75)) if sex == "F" and x_rng.random() < 0.85 else 0.0,
         hu_offset=float(x_rng.uniform(-6, 6)),
+        circular_fov=bool(x_rng.random() < 0.4),
     )
     if params.noise_sigma_hu < 0 or params.blur_sigma_mm < 0:
         raise PhantomError("noise_sigma_hu and blur_sigma_mm must be >= 0")
@@ -1313,6 +1316,11 @@ def render_phantom(params: PhantomParams) -> Phantom:
     nodule_ids = np.where(nod, ids_s, 0).astype(np.uint8)
 
     image = _add_blur_and_noise(hu_s, p)
+    if p.circular_fov:
+        # many scanners reconstruct only the inscribed circle and fill the corners with −1024
+        jj = (np.arange(ny) - (ny - 1) / 2) / (ny / 2)
+        ii = (np.arange(nx) - (nx - 1) / 2) / (nx / 2)
+        image[:, jj[:, None] ** 2 + ii[None, :] ** 2 > 1.0] = MIN_HU
     np.clip(image, MIN_HU, MAX_HU, out=image)
     np.rint(image, out=image)
     hu_i16 = image.astype(np.int16)

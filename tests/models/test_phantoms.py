@@ -33,6 +33,12 @@ def phantom() -> Phantom:
 
 
 @pytest.fixture(scope="module")
+def tiny() -> Phantom:
+    """Three small slices, with contrast (so the Contrast/Bolus module is written too)."""
+    return generate_phantom(6, shape_zyx=(3, 64, 64), nodules=0, contrast=True)
+
+
+@pytest.fixture(scope="module")
 def fine_phantom() -> Phantom:
     """Finer grid (2 mm voxels) with mid-sized nodules of every kind, for the HU checks."""
     return generate_phantom(
@@ -181,8 +187,8 @@ def test_written_series_reads_back_with_geometry_and_hu(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tsuid", [ts for ts in SUPPORTED_TRANSFER_SYNTAXES if ts != SUPPORTED_TRANSFER_SYNTAXES[0]])
-def test_compressed_and_implicit_series_decode_to_the_same_hu(tmp_path: Path, tsuid: str) -> None:
-    ph = generate_phantom(9, shape_zyx=(3, 48, 48), nodules=0)
+def test_compressed_and_implicit_series_decode_to_the_same_hu(tmp_path: Path, tsuid: str, tiny: Phantom) -> None:
+    ph = tiny
     try:
         paths = write_phantom_series(ph, tmp_path, transfer_syntax_uid=tsuid, pixel_representation=0)
     except PhantomError as exc:
@@ -193,8 +199,8 @@ def test_compressed_and_implicit_series_decode_to_the_same_hu(tmp_path: Path, ts
     assert np.array_equal(volume, ph.hu_zyx)
 
 
-def test_non_ascii_patient_name_survives_with_utf8(tmp_path: Path) -> None:
-    ph = generate_phantom(2, shape_zyx=(2, 32, 32), nodules=0)
+def test_non_ascii_patient_name_survives_with_utf8(tmp_path: Path, tiny: Phantom) -> None:
+    ph = tiny
     paths = write_phantom_series(ph, tmp_path, patient_name="Yamada^Tarou=山田^太郎")
     ds = pydicom.dcmread(paths[0])
     assert ds.SpecificCharacterSet == "ISO_IR 192"
@@ -203,9 +209,9 @@ def test_non_ascii_patient_name_survives_with_utf8(tmp_path: Path) -> None:
 
 @pytest.mark.dicom3tools
 @pytest.mark.parametrize("tsuid", [SUPPORTED_TRANSFER_SYNTAXES[0], SUPPORTED_TRANSFER_SYNTAXES[3]])
-def test_dciodvfy_reports_no_errors_on_a_written_instance(tmp_path: Path, tsuid: str) -> None:
+def test_dciodvfy_reports_no_errors_on_a_written_instance(tmp_path: Path, tsuid: str, tiny: Phantom) -> None:
     dciodvfy = require_tool("dciodvfy")
-    ph = generate_phantom(6, shape_zyx=(3, 64, 64), nodules=0, contrast=True)
+    ph = tiny
     paths = write_phantom_series(ph, tmp_path, transfer_syntax_uid=tsuid)
     result = subprocess.run([dciodvfy, str(paths[1])], capture_output=True, text=True, timeout=60)
     report = result.stdout + result.stderr
