@@ -12,8 +12,11 @@ values other than UIDs in logs.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from typing import Any, Protocol
+
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from node.errors import QueueFullError, RejectedInstanceError, TransientStoreError
 from node.header import parse_header
@@ -21,6 +24,10 @@ from node.records import ReceivedFile, StoreOutcome, StoreStatus
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
+
+# The same implementation identification pynetdicom's own Event.file_meta would write.
+_IMPLEMENTATION_CLASS_UID = str(PYNETDICOM_IMPLEMENTATION_UID)
+_IMPLEMENTATION_VERSION = str(PYNETDICOM_IMPLEMENTATION_VERSION)
 
 
 class ReceivedFileSink(Protocol):
@@ -116,11 +123,48 @@ def handle_store(event: Any, receiver: Receiver) -> int:
         command_uid = str(event.request.AffectedSOPInstanceUID or "")
     except Exception:
         command_uid = ""
-    status = store_status(receiver, lambda: event.encoded_dataset(include_meta=True), command_uid, calling)
+    status = store_status(receiver, lambda: _encoded_file(event), command_uid, calling)
     stats = getattr(assoc, "edge_stats", None)
     if stats is not None:
         stats.record(status, _dataset_size(event))
     return int(status)
+
+
+def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information group (PS3.10 §7.1), explicit VR little endian.
+
+    Hand-encoded because building it through pydicom datasets cost about 0.8 ms per instance in a
+    profile of the receive path (a tenth of the per-instance budget at 160 images/s).
+    """
+
+    def element(element: int, vr: bytes, value: bytes) -> bytes:
+        if vr == b"OB":
+            return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+        return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+    def uid(text: str) -> bytes:
+        raw = text.encode("ascii", "replace")
+        return raw + b"\0" if len(raw) % 2 else raw
+
+    version = _IMPLEMENTATION_VERSION.encode("ascii")
+    version = version + b" " if len(version) % 2 else version
+    body = b"".join((
+        element(0x0001, b"OB", b"\x00\x01"),
+        element(0x0002, b"UI", uid(sop_class_uid)),
+        element(0x0003, b"UI", uid(sop_instance_uid)),
+        element(0x0010, b"UI", uid(transfer_syntax_uid)),
+        element(0x0012, b"UI", uid(_IMPLEMENTATION_CLASS_UID)),
+        element(0x0013, b"SH", version),
+    ))
+    return b"\0" * 128 + b"DICM" + element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def _encoded_file(event: Any) -> bytes:
+    """The received instance as a Part 10 file: our file meta + the dataset bytes exactly as sent."""
+    request = event.request
+    meta = encode_file_meta(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                            str(event.context.transfer_syntax))
+    return meta + request.DataSet.getbuffer()
 
 
 def _dataset_size(event: Any) -> int:

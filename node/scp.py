@@ -49,6 +49,7 @@ from node.spool import Spool
 log = logging.getLogger(__name__)
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+DUL_POLL_SECONDS = 0.0002
 
 #: Accepted as sent. Deflated Explicit VR LE is deliberately absent (decompression bombs, issue 2 item 3).
 STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -157,8 +158,10 @@ class EdgeAssociation(Association):
         self.edge_stats = AssociationStats()
         self.edge_slots: Slots | None = None
         self.edge_reject_reason = ""
-        import os as _os
-        self.dul._run_loop_delay = float(_os.environ.get("EDGE_DUL_DELAY", "0.001"))
+        # pynetdicom's DUL thread sleeps this long whenever the socket had nothing for it; the 1 ms
+        # default adds up to 1 ms to every C-STORE round trip (measured: ~85 → ~115 images/s on one
+        # association on a loaded 2-core box). 0.2 ms keeps an idle association at a few % of a core.
+        self.dul._run_loop_delay = DUL_POLL_SECONDS
 
     def run_reactor(self) -> None:
         try:

@@ -288,3 +288,22 @@ def test_files_of_many_associations_land_only_under_data_dir(node, tmp_path):
     outside = [p for p in tmp_path.rglob("*.dcm") if not p.is_relative_to(node.spool.data_dir)]
     assert outside == []
     assert os.listdir(node.spool.data_dir / "spool" / "tmp") == []
+
+
+def test_hand_encoded_file_meta_equals_pynetdicoms():
+    from pydicom.dataset import FileMetaDataset
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+    from pynetdicom.dsutils import encode_file_meta as reference
+
+    from node.handlers import encode_file_meta
+
+    for sop_uid in ("1.2.3.45", "1.2.3.456"):  # odd and even lengths (padding)
+        meta = FileMetaDataset()
+        meta.FileMetaInformationVersion = b"\x00\x01"
+        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+        meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+        expected = b"\0" * 128 + b"DICM" + reference(meta)
+        assert encode_file_meta(CT_IMAGE_STORAGE, sop_uid, "1.2.840.10008.1.2.1") == expected
