@@ -94,8 +94,12 @@ def infer(model_handle: ModelHandle | nn.Module | Callable[[Tensor], Any],
         raise ValueError(f"infer expects [C, Z, Y, X], got shape {np.shape(array_czyx)}")
     if not np.isfinite(array).all():
         raise ValueError("infer input contains NaN or infinite values")
-    spec_handle = model_handle if isinstance(model_handle, ModelHandle) else None
-    module = spec_handle.module if spec_handle is not None else model_handle
+    spec_handle: ModelHandle | None = None
+    module: nn.Module | Callable[[Tensor], Any]
+    if isinstance(model_handle, ModelHandle):
+        spec_handle, module = model_handle, model_handle.module
+    else:
+        module = model_handle
     if device is None:
         target = spec_handle.device if spec_handle is not None else torch.device("cpu")
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from tests.models.tiny_bundle import make_tiny_bundle
 
 
 @pytest.fixture(autouse=True)
-def cold_model_cache() -> None:
+def cold_model_cache() -> Iterator[None]:
     """Each test starts and ends without warm models (they hold tmp_path bundles)."""
     loader.clear_cache()
     yield

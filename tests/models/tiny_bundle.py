@@ -24,9 +24,10 @@ import hashlib
 import itertools
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
+from torch import nn
 
 from models.networks import FCN3D
 
@@ -47,19 +48,24 @@ def _normalised(hu: float) -> float:
     return (hu - HU_MIN) / (HU_MAX - HU_MIN)
 
 
+def _set(layer: nn.Conv3d | nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    layer.weight.copy_(weight)
+    if layer.bias is not None:
+        layer.bias.copy_(bias)
+
+
 def tiny_network(*, classification_head: bool = True) -> FCN3D:
     """The hand-weighted network (see the module docstring), in eval mode."""
     distances = len(_DIRECTION_OFFSETS)
     net = FCN3D(in_channels=1, out_channels=3, channels=(3, 4 + 3 * distances, 2 + distances, 3),
                 kernel_sizes=(1, _KERNEL, 1, 5), dilations=(1, _DILATION, 1, 1), activation="sigmoid",
                 classification_head=classification_head)
-    conv1, conv2, conv3, conv4 = (net.features[i] for i in (0, 2, 4, 6))
+    conv1, conv2, conv3, conv4 = (cast(nn.Conv3d, net.features[i]) for i in (0, 2, 4, 6))
     g = _GAIN
     with torch.no_grad():
         # Layer 1 (1×1×1): s_lo = [> -950 HU], s_hi = [> -500 HU], s_soft = [> -300 HU].
         thresholds = torch.tensor([_normalised(-950.0), _normalised(-500.0), _normalised(-300.0)])
-        conv1.weight.copy_(torch.full((3, 1, 1, 1, 1), _STEEPNESS))
-        conv1.bias.copy_(-_STEEPNESS * thresholds)
+        _set(conv1, torch.full((3, 1, 1, 1, 1), _STEEPNESS), -_STEEPNESS * thresholds)
         # Layer 2 (7×7×7, dilation 2: kernel offset k is 2k voxels); lung = s_lo - s_hi.
         w = torch.zeros(4 + 3 * distances, 3, _KERNEL, _KERNEL, _KERNEL)
         b = torch.zeros(4 + 3 * distances)
@@ -75,8 +81,7 @@ def tiny_network(*, classification_head: bool = True) -> FCN3D:
                 w[4 + n, 0, tap[0], tap[1], tap[2]] = g
                 w[4 + n, 1, tap[0], tap[1], tap[2]] = -g
             b[4 + n] = -1.5 * g
-        conv2.weight.copy_(w)
-        conv2.bias.copy_(b)
+        _set(conv2, w, b)
         # Layer 3 (1×1×1): lung, soft, and per distance a nodule core = soft AND context AND blob AND
         # lung on both sides along all three axes.
         w3 = torch.zeros(2 + distances, 4 + 3 * distances, 1, 1, 1)
@@ -87,24 +92,20 @@ def tiny_network(*, classification_head: bool = True) -> FCN3D:
             terms = [1, 2, 3, 4 + 3 * i, 5 + 3 * i, 6 + 3 * i]
             w3[2 + i, terms] = g
             b3[2 + i] = -(len(terms) - 0.5) * g
-        conv3.weight.copy_(w3)
-        conv3.bias.copy_(b3)
+        _set(conv3, w3, b3)
         # Layer 4 (5×5×5): lung, soft, and "a nodule core within 2 voxels" (grows cores to edges).
         w4 = torch.zeros(3, 2 + distances, 5, 5, 5)
         w4[0, 0, 2, 2, 2] = g
         w4[1, 1, 2, 2, 2] = g
         w4[2, 2:] = g
-        conv4.weight.copy_(w4)
-        conv4.bias.copy_(torch.tensor([-0.5, -0.5, -0.5]) * g)
+        _set(conv4, w4, torch.tensor([-0.5, -0.5, -0.5]) * g)
         # Classifier: background 0; lung = A(lung - 0.5); nodule = A(soft + near core - 1.5).
         head = torch.zeros(3, 3, 1, 1, 1)
         head[1, 0] = _LOGIT_SCALE
         head[2, 1:3] = _LOGIT_SCALE
-        net.seg_head.weight.copy_(head)
-        net.seg_head.bias.copy_(torch.tensor([0.0, -0.5, -1.5]) * _LOGIT_SCALE)
+        _set(net.seg_head, head, torch.tensor([0.0, -0.5, -1.5]) * _LOGIT_SCALE)
         if classification_head:
-            net.cls_head.weight.copy_(torch.tensor([[0.0, 0.0, 1.0]]))
-            net.cls_head.bias.zero_()
+            _set(cast(nn.Linear, net.cls_head), torch.tensor([[0.0, 0.0, 1.0]]), torch.zeros(1))
     return net.eval()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -111,7 +112,7 @@ def test_a_model_without_study_head_gives_no_study_logit() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_handle(tmp_path_factory: pytest.TempPathFactory) -> loader.ModelHandle:
+def tiny_handle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[loader.ModelHandle]:
     loader.clear_cache()
     bundle = make_tiny_bundle(tmp_path_factory.mktemp("infer") / "tiny")
     yield load_model(load_spec(bundle), "cpu")
