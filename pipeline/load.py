@@ -422,28 +422,42 @@ def _select_stack(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
     candidates = [f for f in frames if not f.is_localizer]
     if not candidates:
         raise InputRejectedError("too_few_slices", "the series holds only localizer images")
-    for frame in candidates:
-        if frame.position is None or frame.orientation is None or frame.pixel_spacing is None:
-            raise _missing_geometry()
+    placed = [
+        f
+        for f in candidates
+        if f.position is not None and f.orientation is not None and f.pixel_spacing is not None
+    ]
+    unplaced = len(candidates) - len(placed)
+    if not placed:
+        raise _missing_geometry()
     groups: list[list[_Frame]] = []
-    for frame in candidates:
+    for frame in placed:
         for group in groups:
             if _same_plane_kind(group[0], frame) and _same_grid(group[0], frame):
                 group.append(frame)
                 break
         else:
             groups.append([frame])
-    if len(groups) == 1:
-        return groups[0]
     groups.sort(key=len, reverse=True)
     main, others = groups[0], groups[1:]
-    n_other = sum(len(g) for g in others)
-    if all(len(g) <= _MAX_LOCALIZER_IMAGES for g in others) and len(main) > max(n_other, _MAX_LOCALIZER_IMAGES):
-        notes.append(
-            f"excluded {n_other} image(s) whose orientation or size differs from the main stack of "
-            f"{len(main)} (taken for localizers)"
-        )
+    if not others and not unplaced:
         return main
+    n_other = sum(len(g) for g in others)
+    few = all(len(g) <= _MAX_LOCALIZER_IMAGES for g in others) and unplaced <= _MAX_LOCALIZER_IMAGES
+    if few and len(main) > max(n_other + unplaced, _MAX_LOCALIZER_IMAGES):
+        if n_other:
+            notes.append(
+                f"excluded {n_other} image(s) whose orientation or size differs from the main stack of "
+                f"{len(main)} (taken for localizers)"
+            )
+        if unplaced:
+            notes.append(
+                f"excluded {unplaced} image(s) without Image Position/Orientation (Patient) or Pixel "
+                "Spacing (e.g. a dose screen)"
+            )
+        return main
+    if unplaced:
+        raise _missing_geometry()
     if any(not _same_plane_kind(main[0], g[0]) for g in others):
         raise InputRejectedError(
             "mixed_orientations",

@@ -382,7 +382,8 @@ def contrast_stretch(
     array = _as_float32(volume.array_zyx)
     lo, hi = (float(v) for v in np.percentile(array, [lower_percentile, upper_percentile]))
     scale = hi - lo if hi > lo else 1.0
-    out = volume.with_array(np.clip((array - np.float32(lo)) / np.float32(scale), 0.0, 1.0).astype(np.float32))
+    stretched = np.clip((array - np.float32(lo)) / np.float32(scale), 0.0, 1.0)
+    out = volume.with_array(stretched.astype(np.float32))
     return out, _record(
         "contrast_stretch",
         {"lower_percentile": lower_percentile, "upper_percentile": upper_percentile},
@@ -598,7 +599,8 @@ def _resample_array(
         low += high
         out = low
     if out.dtype != array.dtype:
-        out = np.rint(out).astype(array.dtype) if np.issubdtype(array.dtype, np.integer) else out.astype(array.dtype)
+        integer = np.issubdtype(array.dtype, np.integer)
+        out = (np.rint(out) if integer else out).astype(array.dtype)
     return out
 
 
@@ -679,7 +681,9 @@ def invert_to_source(
     return np.ascontiguousarray(array)
 
 
-def replay_plan(volume: Volume, records: Sequence[PreprocessRecord], *, order: int = 0, fill: float = 0.0) -> Volume:
+def replay_plan(
+    volume: Volume, records: Sequence[PreprocessRecord], *, order: int = 0, fill: float = 0.0
+) -> Volume:
     """Apply the recorded geometry (crops, resampling, padding) to another array of the source grid.
 
     For training labels: ``replay_plan(volume.with_array(labels), records, order=0)`` lands on the

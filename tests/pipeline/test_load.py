@@ -69,14 +69,17 @@ def test_affine_maps_every_voxel_to_its_header_position_for_an_oblique_shuffled_
         np.testing.assert_allclose(
             volume.index_to_lps(np.array([k, j, i])), _expected_voxel_lps(paths, k, j, i), atol=1e-4
         )
-    np.testing.assert_array_equal(volume.affine_lps[:3, 3], [float(v) for v in pydicom.dcmread(paths[0]).ImagePositionPatient])
+    first_position = [float(v) for v in pydicom.dcmread(paths[0]).ImagePositionPatient]
+    np.testing.assert_array_equal(volume.affine_lps[:3, 3], first_position)
     assert [f.sop_instance_uid for f in series.frames] == [
         pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths
     ]
     assert all(f.frame_number is None for f in series.frames)
 
 
-def test_hounsfield_units_are_stored_values_times_slope_plus_intercept(tmp_path: Path, stored: np.ndarray) -> None:
+def test_hounsfield_units_are_stored_values_times_slope_plus_intercept(
+    tmp_path: Path, stored: np.ndarray
+) -> None:
     paths = write_ct_series(tmp_path, stored, slope=0.5, intercept=-1000.0)
     series = load_series(paths)
     assert series.volume.array_zyx.dtype == np.float32
@@ -94,7 +97,9 @@ def test_reversed_instance_order_is_sorted_along_the_slice_normal(tmp_path: Path
 
 
 @pytest.mark.parametrize("orientation", [CORONAL, SAGITTAL], ids=["coronal", "sagittal"])
-def test_non_axial_stacks_ascend_along_their_normal(tmp_path: Path, stored: np.ndarray, orientation: tuple) -> None:
+def test_non_axial_stacks_ascend_along_their_normal(
+    tmp_path: Path, stored: np.ndarray, orientation: tuple
+) -> None:
     paths = write_ct_series(tmp_path, stored, orientation=orientation, write_order=[3, 1, 0, 2, 7, 5, 6, 4])
     series = load_series(paths)
     normal = np.cross(orientation[:3], orientation[3:])
@@ -124,7 +129,9 @@ def test_compressed_series_decode_to_the_same_hounsfield_units(
     np.testing.assert_array_equal(series.volume.array_zyx, stored.astype(np.float32) - 1024)
 
 
-def test_enhanced_multiframe_ct_uses_per_frame_position_and_rescale(tmp_path: Path, stored: np.ndarray) -> None:
+def test_enhanced_multiframe_ct_uses_per_frame_position_and_rescale(
+    tmp_path: Path, stored: np.ndarray
+) -> None:
     frame_order = [4, 0, 7, 2, 5, 1, 6, 3]
     slopes = [1.0, 2.0, 1.0, 0.5, 1.0, 1.0, 2.0, 1.0]
     intercepts = [-1024.0, -2048.0, -1000.0, -512.0, -1024.0, -1024.0, -2048.0, -1024.0]
@@ -265,6 +272,20 @@ def test_off_orientation_scouts_without_localizer_type_are_excluded_with_a_note(
     assert any("differs from the main stack" in note for note in series.notes)
 
 
+def test_a_dose_screen_without_geometry_is_excluded_with_a_note(tmp_path: Path, stored: np.ndarray) -> None:
+    ids = new_series_ids()
+    paths = write_ct_series(tmp_path / "axial", stored, ids=ids)
+    screen = ct_slice_dataset(
+        stored[0], position=(0.0, 0.0, 0.0), ids=ids, image_type=("DERIVED", "SECONDARY", "OTHER")
+    )
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        delattr(screen, keyword)
+    screen.save_as(tmp_path / "dose.dcm", enforce_file_format=True)
+    series = load_series([tmp_path / "dose.dcm", *paths])
+    assert series.volume.shape_zyx == (8, 32, 32)
+    assert any("without Image Position" in note for note in series.notes)
+
+
 def test_mixed_orientations_are_rejected(tmp_path: Path, stored: np.ndarray) -> None:
     ids = new_series_ids()
     axial = write_ct_series(tmp_path / "axial", stored[:5], ids=ids)
@@ -328,7 +349,9 @@ def test_a_file_that_is_not_dicom_is_rejected_and_a_vanished_file_is_transient(
         load_series([*paths, tmp_path / "gone.dcm"])
 
 
-def test_non_image_instances_in_the_series_are_set_aside_with_a_note(tmp_path: Path, stored: np.ndarray) -> None:
+def test_non_image_instances_in_the_series_are_set_aside_with_a_note(
+    tmp_path: Path, stored: np.ndarray
+) -> None:
     paths = write_ct_series(tmp_path, stored)
     report = pydicom.dcmread(paths[0])
     for keyword in ("PixelData", "Rows", "Columns", "ImagePositionPatient"):
@@ -362,7 +385,9 @@ def test_missing_image_position_is_rejected(tmp_path: Path, stored: np.ndarray) 
     _assert_reason(excinfo, "missing_geometry")
 
 
-def test_group_series_sorts_files_by_series_and_ignores_other_files(tmp_path: Path, stored: np.ndarray) -> None:
+def test_group_series_sorts_files_by_series_and_ignores_other_files(
+    tmp_path: Path, stored: np.ndarray
+) -> None:
     one = write_ct_series(tmp_path / "in" / "one", stored[:3])
     two = write_ct_series(tmp_path / "in" / "nested" / "deeper" / "two", stored[:2])
     (tmp_path / "in" / "notes.txt").write_text("not DICOM")

@@ -66,7 +66,9 @@ def test_ct_small_geometry_and_hounsfield_units_match_its_header(tmp_path: Path)
     "compressed",
     ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"],
 )
-def test_compressed_bundled_images_decode_like_their_uncompressed_original(tmp_path: Path, compressed: str) -> None:
+def test_compressed_bundled_images_decode_like_their_uncompressed_original(
+    tmp_path: Path, compressed: str
+) -> None:
     reference = load_series(_stack_copies(_bundled("MR_small.dcm"), tmp_path / "plain", n=2))
     series = load_series(_stack_copies(_bundled(compressed), tmp_path / "compressed", n=2))
     assert pydicom.dcmread(series.files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed

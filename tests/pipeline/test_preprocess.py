@@ -29,7 +29,9 @@ from pipeline.types import Volume
 from tests.pipeline.conftest import chest_phantom_hu
 
 
-def _affine(spacing_zyx: tuple[float, float, float], origin: tuple[float, float, float] = (-50.0, 20.0, 7.5)) -> np.ndarray:
+def _affine(
+    spacing_zyx: tuple[float, float, float], origin: tuple[float, float, float] = (-50.0, 20.0, 7.5)
+) -> np.ndarray:
     angle = math.radians(12.0)
     rotation = np.array(
         [[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0], [0.0, 0.0, 1.0]]
@@ -54,7 +56,9 @@ def test_resample_reaches_the_target_spacing_and_keeps_voxel_zero_in_place() -> 
     assert out.shape_zyx == (20, 10, 15)
     np.testing.assert_allclose(out.spacing_mm, (1.5, 2.0, 2.0))
     np.testing.assert_allclose(out.affine_lps[:3, 3], volume.affine_lps[:3, 3])
-    np.testing.assert_allclose(out.index_to_lps(np.array([2, 3, 4])), volume.index_to_lps(np.array([1.0, 6.0, 8.0])))
+    np.testing.assert_allclose(
+        out.index_to_lps(np.array([2, 3, 4])), volume.index_to_lps(np.array([1.0, 6.0, 8.0]))
+    )
     assert record.step_zyx == pytest.approx((0.5, 2.0, 2.0))
     assert record.changes_grid
 
@@ -150,7 +154,9 @@ def test_crop_to_body_keeps_the_body_and_shifts_the_origin_to_the_box() -> None:
     assert out.shape_zyx[1] < 40 and out.shape_zyx[2] < 40
     body = volume.array_zyx > -500
     assert body[:, j0:j1, i0:i1].sum() == body.sum()
-    np.testing.assert_allclose(out.index_to_lps(np.array([0, 0, 0])), volume.index_to_lps(np.array([k0, j0, i0])))
+    np.testing.assert_allclose(
+        out.index_to_lps(np.array([0, 0, 0])), volume.index_to_lps(np.array([k0, j0, i0]))
+    )
 
 
 def test_crop_with_margin_grows_the_box_in_millimetres() -> None:

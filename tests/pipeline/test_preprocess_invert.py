@@ -19,7 +19,9 @@ from pipeline.types import Volume
 
 shapes = st.tuples(st.integers(2, 12), st.integers(2, 14), st.integers(2, 14))
 spacings = st.tuples(
-    st.floats(0.5, 5.0, allow_nan=False), st.floats(0.3, 3.0, allow_nan=False), st.floats(0.3, 3.0, allow_nan=False)
+    st.floats(0.5, 5.0, allow_nan=False),
+    st.floats(0.3, 3.0, allow_nan=False),
+    st.floats(0.3, 3.0, allow_nan=False),
 )
 
 geometry_preserving_steps = st.sampled_from(
@@ -74,8 +76,14 @@ def _crop_region(records: tuple, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(volume=volumes(), steps=st.lists(geometry_preserving_steps, min_size=0, max_size=4), seed=st.integers(0, 99))
-def test_spacing_preserving_plans_restore_labels_exactly_inside_the_crop(volume: Volume, steps: list, seed: int) -> None:
+@given(
+    volume=volumes(),
+    steps=st.lists(geometry_preserving_steps, min_size=0, max_size=4),
+    seed=st.integers(0, 99),
+)
+def test_spacing_preserving_plans_restore_labels_exactly_inside_the_crop(
+    volume: Volume, steps: list, seed: int
+) -> None:
     out, records = run_plan(volume, steps)
     labels = _labels_for(volume, seed)
     carried = replay_plan(volume.with_array(labels), records, order=0)
