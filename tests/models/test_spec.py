@@ -57,7 +57,7 @@ def test_tiny_manifest_parses_into_typed_records(bundle: Path) -> None:
     assert [step.op for step in spec.preprocess] == ["clip", "normalize"]
     assert spec.preprocess[1].params["mode"] == "window"
     assert spec.inference.patch_size_zyx == (32, 96, 96)
-    assert spec.inference.whole_volume_max_voxels == 0
+    assert spec.inference.whole_volume_max_voxels == 2_000_000
     assert [label.value for label in spec.labels] == [1, 2]
     lung, nodule = spec.labels
     assert lung.type == CodeSpec("39607008", "SCT", "Lung")

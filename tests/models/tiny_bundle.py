@@ -124,6 +124,7 @@ def _toml_value(value: Any) -> str:
 def make_tiny_bundle(dest: Path, *, torchscript: bool = False,
                      resample_spacing_mm: Sequence[float] | None = None,
                      patch_size_zyx: Sequence[int] = (32, 96, 96), batch_size: int = 2,
+                     whole_volume_max_voxels: int = 2_000_000,
                      classification_head: bool = True, name: str = MODEL_NAME,
                      segmentation_type: str = "BINARY", min_slices: int = 4) -> Path:
     """Write the tiny model bundle into ``dest`` (created if needed) and return the folder.
@@ -139,8 +140,10 @@ def make_tiny_bundle(dest: Path, *, torchscript: bool = False,
     resample_spacing_mm
         Add a resample step to this spacing (z, y, x in mm) to the plan; None = analyse on the source
         grid.
-    patch_size_zyx, batch_size
-        Sliding-window settings written to ``[inference]``.
+    patch_size_zyx, batch_size, whole_volume_max_voxels
+        Sliding-window settings written to ``[inference]``; by default a volume of up to 2 million
+        voxels (every test series) is run as one window of its own size, the fastest on a CPU. Pass
+        0 to exercise the sliding window.
     classification_head
         Whether the network has the study-level head (the study finding's source is ``head`` either way;
         without it the pipeline falls back to the largest component score).
@@ -206,6 +209,7 @@ def make_tiny_bundle(dest: Path, *, torchscript: bool = False,
         f"patch_size_zyx = {_toml_value([int(v) for v in patch_size_zyx])}",
         "overlap = 0.5",
         f"batch_size = {int(batch_size)}",
+        f"whole_volume_max_voxels = {int(whole_volume_max_voxels)}",
         "gaussian_sigma_scale = 0.125",
         "",
         "[[labels]]",
