@@ -255,6 +255,43 @@ def test_invert_writes_into_a_given_destination() -> None:
         invert_to_source(out.array_zyx, records, order=1, out=np.zeros((3, 3, 3), dtype=np.float32))
 
 
+def test_steps_leave_their_input_untouched() -> None:
+    volume = Volume(chest_phantom_hu((24, 64, 64)), _affine((8.0, 5.5, 5.5)))
+    array, affine = volume.array_zyx.copy(), volume.affine_lps.copy()
+    steps = [
+        StepSpec("crop_body", {"margin_mm": 4.0}),
+        StepSpec("crop_lungs", {"margin_mm": 4.0}),
+        StepSpec("denoise", {"method": "gaussian"}),
+        StepSpec("contrast_stretch", {}),
+        StepSpec("histogram_equalize", {}),
+        StepSpec("normalize", {"mode": "zscore"}),
+        StepSpec("resample", {"spacing_mm": 6.0}),
+        StepSpec("pad_to_multiple", {"multiple": 8}),
+    ]
+    for step in steps:
+        run_plan(volume, [step])
+        np.testing.assert_array_equal(volume.array_zyx, array)
+        np.testing.assert_array_equal(volume.affine_lps, affine)
+
+
+def test_a_loaded_series_runs_through_the_default_model_plan(ct_series: list) -> None:
+    from pipeline.load import load_series
+
+    source = load_series(ct_series)
+    steps = [
+        StepSpec("crop_lungs", {"margin_mm": 12.0}),
+        StepSpec("resample", {"spacing_mm": (5.0, 5.0, 5.0)}),
+        StepSpec("clip", {"min": -1000.0, "max": 400.0}),
+        StepSpec("normalize", {"mode": "window", "min": -1000.0, "max": 400.0}),
+        StepSpec("pad_to_multiple", {"multiple": 16}),
+    ]
+    out, records = run_plan(source.volume, steps)
+    assert all(n % 16 == 0 for n in out.shape_zyx)
+    assert records[0].statistics["lung_voxels"] > 0
+    labels = invert_to_source((out.array_zyx < 0.2).astype(np.uint8), records, order=0)
+    assert labels.shape == source.volume.shape_zyx
+
+
 def test_run_plan_rejects_unknown_operations_and_parameters() -> None:
     volume = _phantom_volume()
     with pytest.raises(ValueError, match="sharpen"):
