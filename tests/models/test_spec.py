@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models.spec import (
     DEFAULT_SR_SERIES_DESCRIPTION,
@@ -234,3 +236,19 @@ def test_whole_volume_inference_limit_is_read_and_must_not_be_negative(manifest:
     manifest["inference"]["whole_volume_max_voxels"] = -1
     with pytest.raises(SpecError, match="inference.whole_volume_max_voxels"):
         parse(manifest, bundle)
+
+
+@settings(max_examples=200, deadline=None)
+@given(modality=st.text(max_size=4), body_part=st.text(max_size=12), slices=st.integers(-5, 5000),
+       thickness=st.none() | st.floats(0, 20), image_type=st.lists(st.text(max_size=10), max_size=4),
+       description=st.text(max_size=64))
+def test_accepts_is_total_and_explains_every_refusal(modality: str, body_part: str, slices: int,
+                                                     thickness: float | None, image_type: list[str],
+                                                     description: str) -> None:
+    """Routing sees whatever scanners send: it never raises and always says why it refuses."""
+    candidate = SeriesCandidate(modality=modality, body_part=body_part, slice_count=slices,
+                                slice_thickness_mm=thickness, image_type=tuple(image_type),
+                                series_description=description)
+    ok, reason = accepts(CHEST, candidate)
+    assert reason == "accepted" if ok else reason and reason != "accepted"
+    assert not ok or (modality.strip().upper() == "CT" and slices >= 20)
