@@ -406,3 +406,16 @@ def test_a_folder_loads_like_its_files(tmp_path: Path, stored: np.ndarray) -> No
     from_files = load_series(paths)
     np.testing.assert_array_equal(from_folder.volume.array_zyx, from_files.volume.array_zyx)
     np.testing.assert_array_equal(from_folder.volume.affine_lps, from_files.volume.affine_lps)
+
+
+def test_every_rejection_reason_the_loader_raises_is_documented_in_its_module_docstring() -> None:
+    import inspect
+    import re
+
+    import pipeline.load as load_module
+
+    source = inspect.getsource(load_module)
+    raised = set(re.findall(r'InputRejectedError\(\s*"([a-z_]+)"', source))
+    assert raised >= {"missing_slices", "gantry_tilt", "conflicting_duplicates", "no_pixel_data"}
+    documented = set(re.findall(r"``([a-z_]+)``", load_module.__doc__ or ""))
+    assert raised <= documented, f"undocumented reasons: {sorted(raised - documented)}"
