@@ -111,7 +111,7 @@ def infer(model_handle: ModelHandle | nn.Module | Callable[[Tensor], Any],
         try:
             logits, study_logit, windows = sliding_window_logits(module, array, spec, target, batch)
             break
-        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
             if not _is_out_of_memory(exc):
                 raise
         # Out of memory; the failed attempt's tensors are gone once the except clause is left.
@@ -155,7 +155,7 @@ def sliding_window_logits(module: nn.Module | Callable[[Tensor], Any], array_czy
 
     Raises
     ------
-    torch.OutOfMemoryError
+    torch.cuda.OutOfMemoryError
         Left to the caller (`infer` retries).
     """
     shape = tuple(int(n) for n in array_czyx.shape[1:])
@@ -249,8 +249,8 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError; numpy a MemoryError."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+    """CUDA raises torch.cuda.OutOfMemoryError; the CPU allocator a RuntimeError; numpy a MemoryError."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc)
     return "can't allocate memory" in text or "not enough memory" in text
