@@ -178,6 +178,13 @@ class Spool:
         if existing_size >= 0:
             outcome = self._classify_resend(final, existing_size, study_instance_uid, data)
             if outcome in (StoreOutcome.IDENTICAL, StoreOutcome.KEPT_FIRST):
+                # The stored copy may come from a process that crashed between its rename and the
+                # folder fsync: make the entry durable before this re-send is acknowledged.
+                if self.fsync:
+                    try:
+                        _fsync_dir(final.parent)
+                    except OSError as exc:
+                        raise SpoolError(f"cannot sync spool folder ({exc.strerror})") from exc
                 return outcome, rel
         self._write_durably(final, data)
         return outcome, rel

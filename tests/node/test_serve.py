@@ -85,6 +85,7 @@ def test_sigterm_lets_the_in_flight_association_finish_and_exits_0(tmp_path, ser
     assert status_json(config)["instances"] == 6
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_dcmtk_storescu_and_echoscu_against_serve(tmp_path, serve_factory):
     storescu = require_tool("storescu")
     echoscu = require_tool("echoscu")

@@ -12,7 +12,6 @@ from pydicom.uid import generate_uid
 
 from node.records import StoreStatus
 from node.scp import STORAGE_TRANSFER_SYNTAXES, storage_sop_class_uids, supported_contexts
-from node.spool import Spool
 from tests.node.conftest import (
     CT_IMAGE_STORAGE,
     associate_result,
@@ -113,6 +112,7 @@ def test_same_sop_instance_uid_under_another_study_returns_c020_and_warns(node, 
     assert node.db().execute("SELECT study_instance_uid FROM instances").fetchone()[0] == ds.StudyInstanceUID
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 @pytest.mark.parametrize(
     ("keyword", "value", "status"),
     [
@@ -157,6 +157,7 @@ def _split(path: Path) -> tuple[object, int]:
     return split_dataset(path)
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_path_traversal_uid_writes_nothing_outside_data_dir(node, tmp_path):
     before = {p for p in tmp_path.rglob("*")}
     data_dir = node.spool.data_dir
@@ -172,7 +173,6 @@ def test_path_traversal_uid_writes_nothing_outside_data_dir(node, tmp_path):
 
 
 def test_store_returns_a700_when_disk_is_below_min_free_mb(node_factory):
-    free_mb = Spool(Path("/")).free_mb() if False else None  # noqa: F841  (documented: any huge value)
     node = node_factory(storage={"min_free_mb": 1 << 40})
     assert send(node.port, make_series(2)) == [0xA700, 0xA700]
     assert not list(node.spool.iter_instance_paths())
