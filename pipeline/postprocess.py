@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -41,8 +41,33 @@ class StudyFindingSpecLike(Protocol):
     source: str
 
 
+#: Per-label probabilities: a ``[c, k, j, i]`` array (channel c = label value c), or a mapping from label
+#: value to a ``[k, j, i]`` array (the background channel, never read, may be left out).
+Probabilities = NDArray[np.floating[Any]] | Mapping[int, NDArray[np.floating[Any]]]
+
+
+def as_channels(probabilities: Probabilities) -> Mapping[int, NDArray[np.floating[Any]]]:
+    """Per-label ``[k, j, i]`` views of ``probabilities`` keyed by label value (no copy).
+
+    Raises
+    ------
+    ValueError
+        A 4-D array was expected, or the channels' grids differ.
+    """
+    if isinstance(probabilities, Mapping):
+        channels = dict(probabilities)
+    else:
+        if probabilities.ndim != 4:
+            raise ValueError(f"probabilities must be [c, k, j, i], got shape {probabilities.shape}")
+        channels = {c: probabilities[c] for c in range(probabilities.shape[0])}
+    shapes = {tuple(a.shape) for a in channels.values()}
+    if len(shapes) > 1 or any(len(shape) != 3 for shape in shapes):
+        raise ValueError(f"every probability channel must be [k, j, i] on one grid, got shapes {sorted(shapes)}")
+    return channels
+
+
 def plan_label_map(
-    probabilities_czyx: NDArray[np.floating[Any]],
+    probabilities_czyx: Probabilities,
     labels: Sequence[LabelSpec],
 ) -> NDArray[np.uint8]:
     """Decide the label of every voxel from per-label probabilities and thresholds.
@@ -55,7 +80,8 @@ def plan_label_map(
     Parameters
     ----------
     probabilities_czyx
-        ``[c, k, j, i]`` probabilities, ``c`` = label value (0 = background, ignored here).
+        ``[c, k, j, i]`` probabilities, ``c`` = label value (0 = background, ignored here), or a
+        mapping label value → ``[k, j, i]``.
     labels
         The manifest's labels; their values index the channel axis.
 
@@ -69,19 +95,19 @@ def plan_label_map(
     ValueError
         If a label's value has no channel, or the array is not 4-D.
     """
-    if probabilities_czyx.ndim != 4:
-        raise ValueError(f"probabilities must be [c, k, j, i], got shape {probabilities_czyx.shape}")
-    channels = probabilities_czyx.shape[0]
+    channels = as_channels(probabilities_czyx)
     for spec in labels:
-        if not 0 < spec.value < channels:
-            raise ValueError(f"label {spec.name!r} has value {spec.value} but the model gives {channels} channels")
-    label_map = np.zeros(probabilities_czyx.shape[1:], dtype=np.uint8)
+        if spec.value <= 0 or spec.value not in channels:
+            raise ValueError(
+                f"label {spec.name!r} has value {spec.value} but the model gives channels {sorted(channels)}"
+            )
+    label_map = np.zeros(next(iter(channels.values())).shape, dtype=np.uint8)
     for start in range(0, label_map.shape[0], _SLAB_SLICES):
         stop = min(start + _SLAB_SLICES, label_map.shape[0])
         best = np.full((stop - start, *label_map.shape[1:]), -np.inf, dtype=np.float32)
         slab = label_map[start:stop]
         for spec in sorted(labels, key=lambda s: s.value):
-            p = np.asarray(probabilities_czyx[spec.value, start:stop], dtype=np.float32)
+            p = np.asarray(channels[spec.value][start:stop], dtype=np.float32)
             take = (p >= spec.threshold) & (p > best)
             slab[take] = spec.value
             best[take] = p[take]
@@ -153,7 +179,7 @@ def _hull_points(points_ji: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 def postprocess(
-    probabilities_czyx: NDArray[np.floating[Any]],
+    probabilities_czyx: Probabilities,
     source_hu: Volume,
     labels: Sequence[LabelSpec],
     *,
@@ -178,7 +204,8 @@ def postprocess(
     Parameters
     ----------
     probabilities_czyx
-        ``[c, k, j, i]`` float probabilities on the source grid (same k, j, i as ``source_hu``).
+        ``[c, k, j, i]`` float probabilities on the source grid (same k, j, i as ``source_hu``), or a
+        mapping label value → ``[k, j, i]`` (see `Probabilities`).
     source_hu
         The source volume in HU with its affine; gives the geometry and the HU statistics.
     labels
@@ -200,9 +227,11 @@ def postprocess(
     ValueError
         If the probabilities' grid differs from the source volume's, or a label has no channel.
     """
-    if tuple(probabilities_czyx.shape[1:]) != source_hu.shape_zyx:
+    channels = as_channels(probabilities_czyx)
+    grid = tuple(next(iter(channels.values())).shape)
+    if grid != source_hu.shape_zyx:
         raise ValueError(
-            f"probabilities grid {probabilities_czyx.shape[1:]} differs from the source grid {source_hu.shape_zyx}; "
+            f"probabilities grid {grid} differs from the source grid {source_hu.shape_zyx}; "
             "map them back with pipeline.preprocess.invert_to_source first"
         )
     label_map = plan_label_map(probabilities_czyx, labels)
@@ -216,7 +245,7 @@ def postprocess(
             continue
         components, count = ndimage.label(label_map[crop] == spec.value, structure=CONNECTIVITY_26)
         min_voxels = spec.min_size_mm3 / voxel_mm3 if voxel_mm3 > 0 else 0.0
-        probability = probabilities_czyx[spec.value]
+        probability = channels[spec.value]
         removed = 0
         for number, local in enumerate(ndimage.find_objects(components), start=1):
             if local is None:
@@ -234,7 +263,7 @@ def postprocess(
     findings = [_with_index(f, n) for n, f in enumerate(findings, start=1)]
     probabilities: dict[int, NDArray[np.float32]] = {}
     if keep_probabilities:
-        probabilities = {s.value: np.asarray(probabilities_czyx[s.value], dtype=np.float32) for s in labels}
+        probabilities = {s.value: np.asarray(channels[s.value], dtype=np.float32) for s in labels}
     return SegmentationResult(
         label_map=source_hu.with_array(label_map),
         labels=tuple(sorted(labels, key=lambda s: s.value)),
@@ -314,10 +343,9 @@ def _with_index(finding: Finding, index: int) -> Finding:
 def locate_findings(result: SegmentationResult) -> NDArray[np.uint16]:
     """Map every voxel of a finding to its ``Finding.index`` (0 elsewhere), on the result's grid.
 
-    Each finding's component is found again in the label map, within the slices the finding spans, with
-    the same 26-connectivity, and matched by voxel count and centroid (computed exactly as `postprocess`
-    did); so the encoders need no extra state in `SegmentationResult`, and only a few slices are
-    labelled per finding (a whole 300×512×512 volume takes about a second).
+    The findings' components are found again in the label map, inside the bounding box of each finding
+    label, with the same 26-connectivity, and matched by voxel count and centroid (computed exactly as
+    `postprocess` did); so the encoders need no extra state in `SegmentationResult`.
 
     Raises
     ------
@@ -326,21 +354,32 @@ def locate_findings(result: SegmentationResult) -> NDArray[np.uint16]:
     """
     label_map = result.label_map.array_zyx
     index_map = np.zeros(label_map.shape, dtype=np.uint16)
+    by_label: dict[int, dict[int, list[Finding]]] = {}
     for finding in result.findings:
-        first = min(finding.slice_indices) if finding.slice_indices else 0
-        last = max(finding.slice_indices) + 1 if finding.slice_indices else label_map.shape[0]
-        components, _ = ndimage.label(label_map[first:last] == finding.label_value, structure=CONNECTIVITY_26)
-        for number, box in enumerate(ndimage.find_objects(components), start=1):
-            if box is None:
+        by_label.setdefault(finding.label_value, {}).setdefault(finding.voxel_count, []).append(finding)
+    found: set[int] = set()
+    for value, by_count in by_label.items():
+        crop = _bounding_box(label_map == value)
+        if crop is None:
+            continue
+        components, _ = ndimage.label(label_map[crop] == value, structure=CONNECTIVITY_26)
+        for number, local in enumerate(ndimage.find_objects(components), start=1):
+            if local is None:
                 continue
-            mask = components[box] == number
+            mask = components[local] == number
+            candidates = by_count.get(int(mask.sum()))
+            if not candidates:
+                continue
+            box = tuple(slice(c.start + b.start, c.start + b.stop) for c, b in zip(crop, local, strict=True))
             kk, jj, ii = np.nonzero(mask)
-            if len(kk) != finding.voxel_count:
-                continue
-            centroid_kji = np.array([kk.mean(), jj.mean(), ii.mean()]) + [box[0].start + first, box[1].start, box[2].start]
-            if np.allclose(finding.centroid_lps_mm, result.label_map.index_to_lps(centroid_kji), atol=1e-6, rtol=0.0):
-                index_map[first:last][box][mask] = finding.index
-                break
-        else:
-            raise ValueError(f"finding {finding.index} ({finding.label}) matches no component of the label map")
+            centroid_kji = np.array([kk.mean(), jj.mean(), ii.mean()]) + np.array([b.start for b in box], dtype=np.float64)
+            centroid = result.label_map.index_to_lps(centroid_kji)
+            for finding in candidates:
+                if np.allclose(finding.centroid_lps_mm, centroid, atol=1e-6, rtol=0.0):
+                    index_map[box][mask] = finding.index
+                    found.add(finding.index)
+                    break
+    missing = [f.index for f in result.findings if f.index not in found]
+    if missing:
+        raise ValueError(f"findings {missing} match no component of the label map")
     return index_map
