@@ -57,7 +57,9 @@ def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr: TextI
     """Execute the command; returns the exit code (see the module docstring)."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
+    from models.loader import DeviceError, resolve_device
     from models.registry import ModelRegistry
+    from models.spec import ModelError
     from pipeline.errors import InputRejectedError, PipelineError
     from pipeline.load import group_series
     from pipeline.run import run_job
@@ -68,6 +70,11 @@ def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr: TextI
         return EXIT_USAGE
     if args.model_dir is not None and not Path(args.model_dir).is_dir():
         print(f"edge-node analyze: --model-dir {args.model_dir} is not a folder", file=err)
+        return EXIT_USAGE
+    try:
+        resolve_device(args.device)
+    except DeviceError as exc:
+        print(f"edge-node analyze: --device: {exc}", file=err)
         return EXIT_USAGE
     registry = ModelRegistry(args.model_dir)
     for problem in registry.problems:
@@ -94,7 +101,7 @@ def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr: TextI
                 report.rejected.append(
                     {"series_instance_uid": series_uid, "model": spec.name, "reason": getattr(exc, "reason", ""), "message": str(exc)}
                 )
-            except (PipelineError, OSError, RuntimeError, ValueError) as exc:
+            except (PipelineError, ModelError, OSError, RuntimeError, ValueError) as exc:
                 log.exception("event=analyze_failed model=%s", spec.name)
                 report.failed.append(
                     {"series_instance_uid": series_uid, "model": spec.name, "error": f"{type(exc).__name__}: {exc}"}

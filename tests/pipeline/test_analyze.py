@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from node.cli import main
-from pipeline.analyze import EXIT_NOTHING_ANALYSABLE, EXIT_OK, EXIT_USAGE
+from pipeline.analyze import EXIT_FAILURE, EXIT_NOTHING_ANALYSABLE, EXIT_OK, EXIT_USAGE
 from tests.models.tiny_bundle import make_tiny_bundle
 from tests.pipeline.synthetic_chest import dciodvfy_errors, write_chest_series
 
@@ -98,6 +98,8 @@ def test_analyze_usage_errors_exit_2(tmp_path: Path, model_dir: Path, capsys: py
     assert "no_such_model" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == EXIT_USAGE
     assert main(["analyze", "--out", str(tmp_path / "out")]) == EXIT_USAGE  # no PATH
+    assert main([*base, "--device", "tpu"]) == EXIT_USAGE
+    assert "tpu" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -127,3 +129,15 @@ def test_analyze_on_a_generated_chest_ct_gives_conformant_cross_referenced_resul
         assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
         assert seg.get_segment_description(number).TrackingUID == group.tracking_uid
     assert dciodvfy_errors(Path(item["seg_path"])) == [] and dciodvfy_errors(Path(item["sr_path"])) == []
+
+
+def test_analyze_exits_1_when_an_analysis_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = make_tiny_bundle(tmp_path / "models" / "tiny")
+    (bundle / "weights.pt").write_bytes(b"not the weights the manifest names")
+    chest = write_chest_series(tmp_path / "in", slices=6, nodules=[])
+    code = main(["analyze", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--json",
+                 "--model-dir", str(tmp_path / "models"), "--device", "cpu"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == EXIT_FAILURE
+    (failed,) = report["failed"]
+    assert failed["series_instance_uid"] == chest.series_instance_uid and "sha256" in failed["error"].lower()
