@@ -128,13 +128,13 @@ def chest_input() -> np.ndarray:
     return ((np.clip(hu, -1000, 400) + 1000) / 1400)[None].astype(np.float32)
 
 
-@pytest.mark.parametrize("batch_size", [2, 5])
-def test_batch_size_does_not_change_the_result(tiny_handle: loader.ModelHandle, batch_size: int) -> None:
+def test_batch_size_does_not_change_the_result(tiny_handle: loader.ModelHandle) -> None:
     """Windows are blended in a fixed order whatever the batch; only oneDNN's convolution blocking may
     differ with the batch size, in the last float32 bits (measured: ≤ 8e-7), never in the labels."""
-    volume = chest_input()
+    volume = chest_input()[:, 4:16, 8:40, 8:40]
     reference = infer(tiny_handle, volume, InferenceSpec((8, 24, 24), 0.25, 1))
-    other = infer(tiny_handle, volume, InferenceSpec((8, 24, 24), 0.25, batch_size))
+    other = infer(tiny_handle, volume, InferenceSpec((8, 24, 24), 0.25, 3))
+    assert reference.windows == 8 and other.batch_size == 3
     np.testing.assert_allclose(other.probabilities_czyx, reference.probabilities_czyx, atol=2e-6)
     np.testing.assert_array_equal(other.probabilities_czyx.argmax(0),
                                   reference.probabilities_czyx.argmax(0))
