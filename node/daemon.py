@@ -9,7 +9,8 @@ any thread starts. A receiver process dies with the parent (PR_SET_PDEATHSIG), s
 ``serve`` never leaves a process holding the port; the spool makes that crash lossless.
 
 SIGTERM/SIGINT: STOPPING, each receiver process stops accepting and lets its in-flight associations
-finish (up to ``dimse_timeout_seconds``), the indexer drains the queue, exit 0. If a receiver process
+finish (up to ``dimse_timeout_seconds``), the indexer drains the queue, exit 0. With ``import.enabled``
+the watched import folder (`node.watch`) runs here in the parent too and feeds the same queue. If a receiver process
 dies unexpectedly the node stops and exits 1 (systemd restarts it; nothing acknowledged is lost).
 """
 
@@ -103,6 +104,15 @@ def serve(settings: Settings) -> int:
     indexer.start()
     scheduler = Scheduler(spool.database_path, settings.completion)
     scheduler.start()
+    watcher = None
+    if settings.import_.enabled:
+        from node.handlers import Receiver
+        from node.scp import ThreadQueueSink
+        from node.watch import ImportWatcher
+
+        watcher = ImportWatcher(settings.import_.dir, Receiver(spool, ThreadQueueSink(q)),
+                                settings.import_.settle_seconds)
+        watcher.start()
 
     line = f"event=listening ae_title={r.ae_title} host={r.host} port={port} processes={len(children)}"
     log.info(line)
@@ -134,6 +144,8 @@ def serve(settings: Settings) -> int:
             p.kill()
             p.join(5)
     listen_socket.close()
+    if watcher is not None:
+        watcher.stop()
     indexer.stop()
     scheduler.stop()
     log.info("event=stopped indexed=%d", indexer.indexed)
