@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset
 
 from models.spec import CodeSpec, LabelSpec
 from pipeline.postprocess import locate_findings
@@ -37,6 +38,41 @@ MANUFACTURER_MODEL_NAME = "pacs-edge-node"
 DEVICE_SERIAL_NUMBER = "edge-node"
 SEG_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
+
+
+#: Patient and study attributes (Type 2 in the Patient and General Study modules) that highdicom copies
+#: from the first source image and requires to be present; de-identified sources often lack them.
+TYPE2_COPIED_FROM_SOURCE = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def source_headers(source: SourceSeries) -> list[Dataset]:
+    """The source headers to build results from, with missing Type 2 patient/study attributes present
+    and empty (strict on output, tolerant on input).
+
+    Headers that lack nothing are passed as they are; the others are copied first, so the loader's
+    `SourceSeries` is never modified.
+    """
+    headers = []
+    for ds in source.datasets:
+        missing = [keyword for keyword in TYPE2_COPIED_FROM_SOURCE if keyword not in ds]
+        if missing:
+            copy = Dataset()
+            copy.update(ds)
+            for keyword in missing:
+                setattr(copy, keyword, "")
+            ds = copy
+        headers.append(ds)
+    return headers
 
 
 def software_version() -> str:
@@ -199,7 +235,7 @@ def encode_seg(
         hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, frame.image_position_lps_mm) for frame in source.frames
     ]
     seg = hd.seg.Segmentation(
-        source_images=list(source.datasets),
+        source_images=source_headers(source),
         pixel_array=pixel_array,
         segmentation_type=segmentation_type,
         segment_descriptions=descriptions,

@@ -37,6 +37,7 @@ from pipeline.encode_seg import (
     coded,
     finding_tracking_id,
     plan_segments,
+    source_headers,
 )
 from pipeline.types import Finding, SegmentationResult, SourceSeries, StudyFinding
 from pipeline.uids import ResultUids
@@ -136,7 +137,7 @@ def encode_sr(
     )
     _insert_image_library(report, image_library_headers(source))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*source.datasets, seg],
+        evidence=[*source_headers(source), seg],
         content=report,
         series_instance_uid=uids.sr_series_instance_uid,
         series_number=series_number,

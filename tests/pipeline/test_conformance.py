@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from models.spec import ModelSpec
-from pipeline.encode_seg import SegmentLayout, encode_seg, plan_segments, segment_map
+from pipeline.encode_seg import TYPE2_COPIED_FROM_SOURCE, SegmentLayout, encode_seg, plan_segments, segment_map
 from pipeline.encode_sr import encode_sr
 from pipeline.postprocess import postprocess
 from pipeline.types import SegmentationResult, SourceSeries
@@ -264,3 +264,25 @@ def test_sr_of_a_rerun_names_its_predecessor(tmp_path: Path) -> None:
     (study,) = pydicom.dcmread(path).PredecessorDocumentsSequence
     assert study.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == previous.SOPInstanceUID
     assert dciodvfy_errors(path) == []
+
+
+def test_deidentified_source_without_type2_patient_attributes_still_gives_conformant_results(tmp_path: Path) -> None:
+    chest = write_chest_series(tmp_path / "source")
+    for path in chest.paths:
+        ds = pydicom.dcmread(path)
+        for keyword in TYPE2_COPIED_FROM_SOURCE:
+            delattr(ds, keyword)
+        ds.save_as(path)
+    spec = chest_model_spec()
+    source = source_series_from_chest(chest)
+    result = postprocess(probabilities_from_truth(chest), source.volume, spec.labels, study_finding=spec.study_finding)
+    uids = plan_result_uids([f.sop_instance_uid for f in source.frames], spec.name, spec.version)
+    layout = plan_segments(result, uids)
+    e = Encoded(chest, source, result, layout, uids, spec, tmp_path / "seg.dcm", tmp_path / "sr.dcm")
+    seg = encode_seg(source, result, spec, uids, layout=layout)
+    seg.save_as(e.seg_path)
+    encode_sr(source, result, seg, spec, uids, layout=layout).save_as(e.sr_path)
+    assert all("PatientID" not in ds for ds in source.datasets)  # the loader's headers are left alone
+    assert pydicom.dcmread(e.seg_path).PatientID == ""
+    check_seg(e)
+    check_sr(e)
