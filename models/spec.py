@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 MANIFEST_NAME = "model.toml"
 
@@ -83,6 +83,37 @@ class SpecError(ModelError):
 # --------------------------------------------------------------------------------------------------
 
 
+class FrozenMapping(Mapping[str, Any]):
+    """A read-only, hashable mapping for manifest parameters (so that every spec record is hashable).
+
+    Compares equal to any mapping with the same items; values are TOML scalars, tuples or nested
+    `FrozenMapping` (see `_freeze`).
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        self._items: dict[str, Any] = dict(items or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._items.items())))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._items!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self._items,))
+
+
 @dataclass(frozen=True, slots=True)
 class CodeSpec:
     """A coded concept (SNOMED CT, DCM, ...): value, scheme designator, meaning."""
@@ -123,7 +154,7 @@ class StepSpec:
     """
 
     op: str
-    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    params: Mapping[str, Any] = field(default_factory=FrozenMapping)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +162,7 @@ class ArchitectureSpec:
     """``[architecture]``: the network's name in `models.networks` and its constructor parameters."""
 
     name: str
-    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    params: Mapping[str, Any] = field(default_factory=FrozenMapping)
 
 
 class WeightsFormat(StrEnum):
@@ -539,9 +570,9 @@ def _parse_outputs(p: _Parser, raw: Any) -> OutputsSpec:
 
 
 def _freeze(value: Any) -> Any:
-    """Make TOML values immutable: tables → read-only mappings, arrays → tuples."""
+    """Make TOML values immutable and hashable: tables → `FrozenMapping`, arrays → tuples."""
     if isinstance(value, dict):
-        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+        return FrozenMapping({k: _freeze(v) for k, v in value.items()})
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
     return value

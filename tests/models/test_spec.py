@@ -252,3 +252,14 @@ def test_accepts_is_total_and_explains_every_refusal(modality: str, body_part: s
     ok, reason = accepts(CHEST, candidate)
     assert reason == "accepted" if ok else reason and reason != "accepted"
     assert not ok or (modality.strip().upper() == "CT" and slices >= 20)
+
+
+def test_specs_are_hashable_and_survive_pickling(bundle: Path) -> None:
+    """Frozen records cross process and thread boundaries and may key caches (STYLE.md)."""
+    import pickle
+
+    spec = load_spec(bundle)
+    assert hash(spec) == hash(load_spec(bundle))
+    assert {spec: 1}[load_spec(bundle)] == 1
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    assert dict(spec.architecture.params)["channels"] == (3, 13, 5, 3)
