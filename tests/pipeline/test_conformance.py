@@ -286,3 +286,20 @@ def test_deidentified_source_without_type2_patient_attributes_still_gives_confor
     assert pydicom.dcmread(e.seg_path).PatientID == ""
     check_seg(e)
     check_sr(e)
+
+
+def test_an_organ_label_without_voxels_keeps_its_segment_without_frames(tmp_path: Path) -> None:
+    chest = write_chest_series(tmp_path / "source")
+    spec = chest_model_spec()
+    source = source_series_from_chest(chest)
+    probabilities = probabilities_from_truth(chest, lung_p=0.0)
+    result = postprocess(probabilities, source.volume, spec.labels, study_finding=spec.study_finding)
+    uids = plan_result_uids([f.sop_instance_uid for f in source.frames], spec.name, spec.version)
+    layout = plan_segments(result, uids)
+    assert [(s.label.name, s.finding_index) for s in layout.segments] == [("lung", None), ("nodule", 1)]
+    e = Encoded(chest, source, result, layout, uids, spec, tmp_path / "seg.dcm", tmp_path / "sr.dcm")
+    seg = encode_seg(source, result, spec, uids, layout=layout)
+    seg.save_as(e.seg_path)
+    encode_sr(source, result, seg, spec, uids, layout=layout).save_as(e.sr_path)
+    check_seg(e)
+    check_sr(e)

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from models.spec import StudyFindingSource, StudyFindingSpec
 from pipeline.postprocess import (
@@ -157,3 +160,19 @@ def test_findings_are_ordered_by_size_and_located_again_exactly() -> None:
     assert int((index_map == 1).sum()) == 100 and index_map[5, 12, 12] == 1
     assert int((index_map == 2).sum()) == 18 and index_map[1, 1, 1] == 2
     assert set(result.probabilities) == {1, 2}
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.bool_, st.tuples(st.integers(1, 5), st.integers(1, 7), st.integers(1, 7))))
+def test_findings_partition_the_finding_label_exactly(nodule: np.ndarray) -> None:
+    volume = _volume(nodule.shape, spacing_zyx=(2.0, 0.5, 0.7))
+    label = replace(NODULE_LABEL, min_size_mm3=0.0)
+    result = postprocess(_probabilities(nodule), volume, [LUNG_LABEL, label])
+    assert np.array_equal(result.label_map.array_zyx == 2, nodule)
+    assert sum(f.voxel_count for f in result.findings) == int(nodule.sum())
+    assert sum(f.volume_ml for f in result.findings) == pytest.approx(nodule.sum() * 0.7 * 0.5 * 2.0 / 1000)
+    index_map = locate_findings(result)
+    assert np.array_equal(index_map > 0, nodule)
+    for finding in result.findings:
+        assert int((index_map == finding.index).sum()) == finding.voxel_count
+        assert finding.diameter_mm >= 0.5
