@@ -8,14 +8,16 @@ summed weights, so the blend is an exact weighted mean: a model that returns its
 input. A volume smaller than the window is padded (with each channel's minimum, i.e. air for normalised
 CT) and cropped back. Windows go through the network in batches under ``torch.inference_mode``, with
 autocast (bf16, or fp16 where bf16 is unsupported) on CUDA. On CUDA out-of-memory the whole volume is
-retried with half the batch, then on the CPU, each step logged. This module knows nothing of DICOM,
-geometry or the manifest's other sections; it must not change its input.
+retried with half the batch, then (if the volume ran as one window) with overlapping windows, then on
+the CPU, each step logged. This module knows nothing of DICOM, geometry or the manifest's other
+sections; it must not change its input.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import logging
 import math
@@ -120,6 +122,10 @@ def infer(model_handle: ModelHandle | nn.Module | Callable[[Tensor], Any],
             log.warning("event=infer_out_of_memory device=%s batch_size=%d action=retry_batch_size_%d",
                         target, batch, batch // 2)
             batch //= 2
+        elif _whole_volume(array.shape[1:], spec):
+            log.warning("event=infer_out_of_memory device=%s batch_size=1 action=retry_with_windows",
+                        target)
+            spec = dataclasses.replace(spec, whole_volume_max_voxels=0)
         elif target.type != "cpu":
             log.warning("event=infer_out_of_memory device=%s batch_size=1 action=retry_on_cpu", target)
             cpu = torch.device("cpu")
@@ -160,7 +166,7 @@ def sliding_window_logits(module: nn.Module | Callable[[Tensor], Any], array_czy
     """
     shape = tuple(int(n) for n in array_czyx.shape[1:])
     patch = tuple(int(n) for n in spec.patch_size_zyx)
-    if 0 < math.prod(shape) <= spec.whole_volume_max_voxels:
+    if _whole_volume(shape, spec):
         patch = shape  # one window of the volume's own size (the manifest vouches the network takes it)
     padded_shape = tuple(max(s, p) for s, p in zip(shape, patch))
     before = [(p - s) // 2 for s, p in zip(shape, padded_shape)]
@@ -246,6 +252,11 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _whole_volume(shape_zyx: tuple[int, ...], spec: InferenceSpec) -> bool:
+    """Whether the manifest lets this volume run as one window of its own size."""
+    return 0 < math.prod(int(n) for n in shape_zyx) <= spec.whole_volume_max_voxels
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

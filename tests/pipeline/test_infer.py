@@ -284,3 +284,19 @@ def test_other_runtime_errors_are_not_mistaken_for_out_of_memory() -> None:
 
     with pytest.raises(RuntimeError, match="expected 2 channels"):
         infer(Broken(), random_volume((1, 8, 16, 16)), SPEC)
+
+
+def test_out_of_memory_in_one_whole_volume_window_retries_with_windows(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class OutOfMemoryOnLargeInputs(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x[0, 0].numel() > 8 * 16 * 16:
+                raise torch.cuda.OutOfMemoryError("simulated")
+            return x
+
+    volume = random_volume((1, 12, 24, 24))
+    spec = InferenceSpec((8, 16, 16), 0.5, 1, whole_volume_max_voxels=10_000)
+    with caplog.at_level(logging.WARNING, logger="pipeline.infer"):
+        out = infer(OutOfMemoryOnLargeInputs(), volume, spec)
+    assert out.windows > 1
+    assert any("action=retry_with_windows" in r.getMessage() for r in caplog.records)
