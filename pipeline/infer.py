@@ -5,7 +5,9 @@ grid plus the study-level logit. Windows of the manifest's patch size tile the v
 overlap (the last window flush with the far edge, as nnU-Net places them); each window's logits are
 weighted by a Gaussian importance map (centre trusted more than the edges) and the sums divided by the
 summed weights, so the blend is an exact weighted mean: a model that returns its input reproduces the
-input. A volume smaller than the window is padded (with each channel's minimum, i.e. air for normalised
+input. A manifest may let a small enough volume run as one window of its own size
+(``whole_volume_max_voxels``: no overlap computed twice, the fastest on a CPU). A volume smaller than
+the window is padded (with each channel's minimum, i.e. air for normalised
 CT) and cropped back. Windows go through the network in batches under ``torch.inference_mode``, with
 autocast (bf16, or fp16 where bf16 is unsupported) on CUDA. On CUDA out-of-memory the whole volume is
 retried with half the batch, then (if the volume ran as one window) with overlapping windows, then on
