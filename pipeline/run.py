@@ -16,30 +16,43 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from models.loader import load_model, resolve_device
+from models.registry import ModelRegistry
+from models.spec import ModelSpec, SeriesCandidate
 from pipeline.encode_seg import encode_seg, plan_segments
 from pipeline.encode_sr import encode_sr
 from pipeline.errors import InputRejectedError
+from pipeline.infer import infer
+from pipeline.load import load_series
 from pipeline.postprocess import postprocess
+from pipeline.preprocess import invert_to_source, run_plan
 from pipeline.types import Finding, SourceSeries, StudyFinding
 from pipeline.uids import plan_result_uids
 
-if TYPE_CHECKING:
-    from models.registry import ModelRegistry
-    from models.spec import ModelSpec, SeriesCandidate
-
 log = logging.getLogger(__name__)
 
-#: Permissions of written results: read-write for the owner, readable as the process' umask allows
-#: (read once at import, when no other thread can race on the umask).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-RESULT_FILE_MODE = 0o644 & ~_UMASK
+
+
+def _process_umask() -> int:
+    """The process' umask, read without changing it (Linux ≥ 4.7 lists it in /proc/self/status);
+    0o022 where it cannot be read. `os.umask` would have to set it, racing with other threads."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+#: Permissions of written results: rw-r--r-- less the umask (mkstemp alone would give rw-------).
+RESULT_FILE_MODE = 0o644 & ~_process_umask()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +99,6 @@ class JobOutput:
 
 def series_candidate(source: SourceSeries) -> SeriesCandidate:
     """What routing needs to know of a loaded series (models.spec.SeriesCandidate)."""
-    from models.spec import SeriesCandidate
-
     header = source.datasets[0] if source.datasets else Dataset()
     thickness = _float_or_none(header.get("SliceThickness"))
     if thickness is None:
@@ -163,19 +174,12 @@ def run_job(
     TransientPipelineError
         Resources ran out (e.g. memory during inference); retrying later may succeed.
     """
-    from models.loader import load_model, resolve_device
-    from pipeline.infer import infer
-    from pipeline.load import load_series
-    from pipeline.preprocess import invert_to_source, run_plan
-
     started = time.perf_counter()
     paths = [Path(p) for p in paths]
     source = load_series(paths)
     t_load = time.perf_counter()
     if model is None:
         if registry is None:
-            from models.registry import ModelRegistry
-
             registry = ModelRegistry()
         model = select_model(source, registry)
     handle = load_model(model, resolve_device(device))
@@ -188,7 +192,7 @@ def run_job(
     t_infer = time.perf_counter()
 
     study_logit = output.study_logit
-    probabilities = _probabilities_on_source(output.probabilities_czyx, records, model.labels, invert_to_source)
+    probabilities = _probabilities_on_source(output.probabilities_czyx, records, model.labels)
     del output  # the preprocessed-grid probabilities are no longer needed (memory)
     fractional = str(getattr(model.segmentation.type, "value", model.segmentation.type)).upper() == "FRACTIONAL"
     result = postprocess(
@@ -300,7 +304,6 @@ def _probabilities_on_source(
     probabilities_czyx: np.ndarray,
     records: Sequence[Any],
     labels: Sequence[Any],
-    invert_to_source: Any,
 ) -> dict[int, np.ndarray]:
     """Map the labels' channels back onto the source grid, one channel at a time.
 
