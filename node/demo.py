@@ -341,7 +341,15 @@ def run_demo(work: Path, slices: int, size: int, timeout_s: float) -> None:
     if rc != 0:
         raise DemoError(f"edge-node serve did not stop cleanly on SIGTERM (exit status {rc}); log:\n"
                         f"{receiver.log_tail()}")
-    say("[6/6] edge-node serve stopped cleanly on SIGTERM (exit status 0)")
+    say("[6/6] edge-node serve stopped cleanly on SIGTERM (exit status 0); its key=value log lines for "
+        "this study (no patient data):")
+    seen: set[str] = set()
+    for line in receiver.log.read_text(errors="replace").splitlines():
+        event = line[line.find("event="):] if "event=" in line else ""
+        if event.split(" ")[0] in ("event=listening", "event=association", "event=study_completed", "event=stopped"):
+            if event not in seen:  # serve also prints its listening line on stdout
+                seen.add(event)
+                say("    " + line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
