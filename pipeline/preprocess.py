@@ -199,12 +199,25 @@ def body_mask(volume: Volume, *, threshold_hu: float = -500.0) -> NDArray[np.boo
     return _fill_holes_per_slice(largest)
 
 
+#: 4-connectivity within a slice ``[k]`` and none across slices: labels each slice's 2-D components.
+_IN_SLICE_4 = np.zeros((3, 3, 3), dtype=bool)
+_IN_SLICE_4[1] = ndimage.generate_binary_structure(2, 1)
+
+
 def _fill_holes_per_slice(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    """Fill holes in each slice ``[k]`` (the body is open at its ends, so 3-D filling would not)."""
-    out = np.empty_like(mask)
-    for k in range(mask.shape[0]):
-        out[k] = ndimage.binary_fill_holes(mask[k])
-    return out
+    """Fill holes in each slice ``[k]`` (the body is open at its ends, so 3-D filling would not).
+
+    Same result as `scipy.ndimage.binary_fill_holes` slice by slice, in one labelling pass: the
+    background components of a slice that touch its edge are outside, all others are holes.
+    """
+    background, count = ndimage.label(~mask, structure=_IN_SLICE_4)
+    if count == 0:
+        return mask.copy()
+    outside = np.zeros(count + 1, dtype=bool)
+    for edge in (background[:, 0, :], background[:, -1, :], background[:, :, 0], background[:, :, -1]):
+        outside[edge] = True
+    outside[0] = False
+    return np.asarray(~outside[background], dtype=bool)
 
 
 def crop_body(
@@ -445,7 +458,7 @@ def segment_lungs_classical(
         ``[k, j, i]`` on the volume's grid; all False when no lungs are found.
     """
     array = volume.array_zyx
-    strides = tuple(max(1, int(np.ceil(working_spacing_mm / s - 1e-6))) for s in volume.spacing_mm)
+    strides = tuple(max(1, int(round(working_spacing_mm / s))) for s in volume.spacing_mm)
     work = np.ascontiguousarray(array[:: strides[0], :: strides[1], :: strides[2]])
     work_volume = Volume(
         array_zyx=work,
@@ -479,18 +492,36 @@ def segment_lungs_classical(
     return np.ascontiguousarray(lungs[:nz, :ny, :nx])
 
 
+_BALL_3D = ndimage.generate_binary_structure(3, 2)  # 18-neighbourhood: a rounded 3x3x3 step
+_BALL_IN_SLICE = np.zeros((3, 3, 3), dtype=bool)
+_BALL_IN_SLICE[1] = True  # 8-neighbourhood within the slice
+_LINE_ACROSS = np.zeros((3, 3, 3), dtype=bool)
+_LINE_ACROSS[:, 1, 1] = True
+
+
 def _close(mask: NDArray[np.bool_], radius_zyx: Sequence[int]) -> NDArray[np.bool_]:
-    """Binary closing with an ellipsoid of ``radius_zyx`` voxels, on the mask's bounding box only."""
+    """Binary closing with a rounded element of about ``radius_zyx`` voxels, on the mask's box only.
+
+    The element is a Minkowski sum of small steps (18-neighbourhood for the radius all axes share,
+    then in-slice or across-slice steps for the rest), applied as iterated dilations then erosions:
+    about ten times faster than one ball-shaped element of the same size on a 300x256x256 grid.
+    """
     box = _box_of(mask, 0.0, (1.0, 1.0, 1.0))
     if box is None:
         return mask
+    rz, ry, rx = (int(r) for r in radius_zyx)
+    common = min(rz, ry, rx)
+    steps = [(_BALL_3D, common), (_BALL_IN_SLICE, min(ry, rx) - common), (_LINE_ACROSS, rz - common)]
+    steps = [(structure, n) for structure, n in steps if n > 0]
+    pad = (rz, max(ry, rx), max(ry, rx))
     region = tuple(slice(lo, hi) for lo, hi in box)
-    padded = np.pad(mask[region], [(r, r) for r in radius_zyx])
-    grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius_zyx)]
-    ball = sum((g / max(r, 1)) ** 2 for g, r in zip(grid, radius_zyx)) <= 1.0
-    closed = ndimage.binary_closing(padded, structure=ball)
+    work = np.pad(mask[region], [(p, p) for p in pad])
+    for structure, n in steps:
+        work = ndimage.binary_dilation(work, structure=structure, iterations=n)
+    for structure, n in steps:
+        work = ndimage.binary_erosion(work, structure=structure, iterations=n, border_value=1)
     out = mask.copy()
-    out[region] = closed[tuple(slice(r, r + n) for r, n in zip(radius_zyx, mask[region].shape))]
+    out[region] = work[tuple(slice(p, p + n) for p, n in zip(pad, mask[region].shape))]
     return out
 
 
