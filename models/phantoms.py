@@ -536,7 +536,7 @@ class _Anatomy:
         self.zb, self.H = p.lung_base_z_mm, p.lung_height_mm
         self.d_cav = p.skin_mm + p.fat_mm + p.muscle_mm + p.wall_mm
         self.mc = p.mediastinum_shift_mm
-        self.phase = _rng(p.seed, "phases").uniform(0, 2 * np.pi, 8)
+        self.phase = [float(v) for v in _rng(p.seed, "phases").uniform(0, 2 * np.pi, 8)]
         self.mw = p.mediastinum_half_width_mm
         # Spine: vertebral body centre (body frame v), posterior elements behind it.
         post_wall = p.skin_mm + p.fat_mm * 1.35 + 50.0
@@ -602,8 +602,9 @@ class _Anatomy:
 
     def diaphragm_z(self, u: Any, v: Any) -> Any:
         """Height of the diaphragm under each lung: a dome per side, lower in the recesses."""
-        side_c = np.where(u < self.mc, self.mc - 0.5 * self.A, self.mc + 0.5 * self.A)
-        top = np.where(u < self.mc, self.zb, self.zb - self.p.left_dome_drop_mm)
+        right = u < self.mc
+        side_c = np.where(right, self.mc - 0.5 * self.A, self.mc + 0.5 * self.A).astype(np.float32)
+        top = np.where(right, self.zb, self.zb - self.p.left_dome_drop_mm).astype(np.float32)
         q = ((u - side_c) / (0.45 * self.A)) ** 2 + ((v + 0.2 * self.B) / (0.8 * self.B)) ** 2
         return top - self.p.dome_depth_mm * np.minimum(q, 1.4)
 
@@ -641,10 +642,10 @@ class _Anatomy:
         s0 = 0.72
         if np.all(z <= self.zb + s0 * self.H):
             return np.True_
-        top = np.where(u < self.mc, self.z_top, self.z_top - 6.0)
+        top = np.where(u < self.mc, self.z_top, self.z_top - 6.0).astype(np.float32)
         t = np.clip((z - (self.zb + s0 * self.H)) / (top - (self.zb + s0 * self.H)), 0.0, 1.0)
         shrink = np.sqrt(np.maximum(1.0 - t * t, 0.0))
-        side_c = np.where(u < self.mc, self.mc - 0.45 * self.A, self.mc + 0.45 * self.A)
+        side_c = np.where(u < self.mc, self.mc - 0.45 * self.A, self.mc + 0.45 * self.A).astype(np.float32)
         q = ((u - side_c) / (0.34 * self.A)) ** 2 + ((v - 0.1 * self.B) / (0.55 * self.B)) ** 2
         return (q < shrink**2) | (t <= 0.0)
 
@@ -998,7 +999,7 @@ def _render_anatomy(
     """Body, chest wall, bones, lungs, mediastinum, heart, abdomen and table, slab by slab."""
     p = anat.p
     f32 = np.float32
-    wtex = _rng(p.seed, "texture").uniform(0, 2 * np.pi, 6)
+    wtex = [float(v) for v in _rng(p.seed, "texture").uniform(0, 2 * np.pi, 6)]
     ny, nx = fine.shape[1:]
     # The background (air, and the table, which does not change along z) as one plane.
     back_hu = np.full((ny, nx), AIR_HU, dtype=np.float32)
@@ -1024,6 +1025,15 @@ def _render_anatomy(
     u, v = anat.body_uv(x, y)
     u = u.astype(f32)
     v = v.astype(f32)
+    # fields that do not change along z, computed once
+    r = np.sqrt(u * u + v * v) + f32(1e-3)
+    cu, cv = u / r, v / r
+    fat_mm = p.fat_mm * (1.0 + 0.35 * cv + 0.25 * cu * cu)
+    fat_out = p.skin_mm + fat_mm
+    muscle_out = fat_out + anat.muscle_depth(u, cv)
+    cav_d = anat.cavity_depth(u, v)
+    dia_z = anat.diaphragm_z(u, v)
+    tex_uv = 6.0 * np.sin(u * 0.21 + wtex[0]) * np.sin(v * 0.17 + wtex[1])
     for k0 in range(0, fine.shape[0], _SLAB_PLANES):
         z = fine.z[k0 : k0 + _SLAB_PLANES].astype(np.float32)[:, None, None]
         hu[k0 : k0 + _SLAB_PLANES] = back_hu
@@ -1037,24 +1047,20 @@ def _render_anatomy(
         body = depth > 0
         # cushion under the patient's back
         cushion = (~body) & (v > anat.B - 1.0) & (v < anat.B + p.table_gap_mm) & (np.abs(u) < anat.A * 0.8)
-        h[cushion] = -750.0
+        np.copyto(h, f32(-750.0), where=cushion)
         # body wall layers (by depth below the skin)
-        r = np.sqrt(u * u + v * v) + f32(1e-3)
-        cu, cv = u / r, v / r
-        fat_mm = p.fat_mm * (1.0 + 0.35 * cv + 0.25 * cu * cu)
         skin_in = depth < p.skin_mm
-        fat_in = depth < p.skin_mm + fat_mm
-        muscle_in = depth < p.skin_mm + fat_mm + anat.muscle_depth(u, cv)
-        cav_d = anat.cavity_depth(u, v)
-        texture = 6.0 * np.sin(u * 0.21 + wtex[0]) * np.sin(v * 0.17 + wtex[1]) * np.sin(z * 0.13 + wtex[2])
-        h[body] = p.muscle_hu
-        s_[body] = _S["muscle"]
+        fat_in = depth < fat_out
+        muscle_in = depth < muscle_out
+        texture = tex_uv * np.sin(z * 0.13 + wtex[2])
+        np.copyto(h, f32(p.muscle_hu), where=body)
+        np.copyto(s_, _S["muscle"], where=body)
         m = body & fat_in & ~skin_in
-        h[m] = (p.fat_hu + texture)[m]
-        s_[m] = _S["fat"]
+        np.copyto(h, p.fat_hu + texture, where=m)
+        np.copyto(s_, _S["fat"], where=m)
         m = body & skin_in
-        h[m] = p.skin_hu
-        s_[m] = _S["skin"]
+        np.copyto(h, f32(p.skin_hu), where=m)
+        np.copyto(s_, _S["skin"], where=m)
         # breasts: fat with glandular tissue in front of the chest wall
         bz = anat.zb + 0.38 * anat.H
         if p.breast_mm > 0 and np.any(np.abs(z - bz) < p.breast_mm):
@@ -1065,15 +1071,14 @@ def _render_anatomy(
                 qb = bu * bu + bv * bv + ((z - bz) / (0.8 * p.breast_mm)) ** 2
                 breast = (depth < p.skin_mm) & (qb < 1.0)
                 db = (1.0 - np.sqrt(np.minimum(qb, 1.0))) * 0.5 * p.breast_mm
-                h[breast] = np.where((db < p.skin_mm) & (depth <= 0), p.skin_hu, p.fat_hu + 45.0 + 4.0 * texture)[breast]
-                s_[breast] = _S["fat"]
+                np.copyto(h, np.where((db < p.skin_mm) & (depth <= 0), f32(p.skin_hu), p.fat_hu + 45.0 + 4.0 * texture), where=breast)
+                np.copyto(s_, _S["fat"], where=breast)
         # scapulae: thin bone plates in the posterior-lateral muscles of the upper chest
         s_rel = (z - anat.zb) / anat.H
-        fat_out = p.skin_mm + fat_mm
         scap = body & (s_rel > 0.45) & (s_rel < 1.1) & (cv > 0.15) & (np.abs(cu) > 0.45) & (np.abs(cu) < 0.9)
         scap &= (depth > fat_out + 2.0) & (depth < fat_out + 5.5)
-        h[scap] = p.cortex_hu * 0.75
-        s_[scap] = _S["bone"]
+        np.copyto(h, f32(p.cortex_hu * 0.75), where=scap)
+        np.copyto(s_, _S["bone"], where=scap)
         # ribs in the wall band: obliques that descend anteriorly, cortex + marrow
         wall_band = body & ~muscle_in & (depth < cav_d)
         if wall_band.any():
@@ -1096,31 +1101,31 @@ def _render_anatomy(
             s_[kk, jj, ii] = np.where(rib_ok | sternum, _S["bone"], _S["muscle"])
         # thoracic cavity
         cav = body & (depth >= cav_d)
-        below = z <= anat.diaphragm_z(u, v)
+        below = z <= dia_z
         med = anat.mediastinum(u, v, z)
         hq = anat.heart_q(u, v, z)
         lung_r = cav & ~below & (z < anat.z_top) & ~med & (hq > 1.12**2) & anat.apex_ok(u, v, z)
         lung_slab[...] = lung_r
         # mediastinum: fat; abdomen: liver on the right, spleen/stomach on the left
         m = cav & ~lung_r
-        h[m] = (p.fat_hu + 10.0 + np.broadcast_to(texture, h.shape))[m]
-        s_[m] = _S["mediastinum"]
+        np.copyto(h, p.fat_hu + 10.0 + texture, where=m)
+        np.copyto(s_, _S["mediastinum"], where=m)
         ab = cav & below & (hq > 1.0)
         liver = ab & (u < anat.mc + 25)
-        h[liver] = p.liver_hu
-        h[ab & ~liver] = p.liver_hu - 12.0
-        s_[ab] = _S["abdomen"]
+        np.copyto(h, f32(p.liver_hu), where=liver)
+        np.copyto(h, f32(p.liver_hu - 12.0), where=ab & ~liver)
+        np.copyto(s_, _S["abdomen"], where=ab)
         # gastric fundus air under the left dome: a half-ellipsoid with a flat air-fluid level
         if p.stomach_air:
             gz = anat.zb - p.left_dome_drop_mm - 22.0
             gq = ((u - anat.mc - 0.42 * anat.A) / 38.0) ** 2 + ((v + 0.15 * anat.B) / 30.0) ** 2 + ((z - gz) / 16.0) ** 2
             stomach_air = ab & ~liver & (gq < 1.0) & (z > gz)
-            h[stomach_air] = -990.0
+            np.copyto(h, f32(-990.0), where=stomach_air)
         # heart: myocardium shell, blood inside, epicardial fat outside
         heart = cav & (hq < 1.0)
-        h[heart] = p.myocardium_hu
-        h[cav & (hq < 0.72**2)] = p.blood_hu
-        s_[heart] = _S["heart"]
+        np.copyto(h, f32(p.myocardium_hu), where=heart)
+        np.copyto(h, f32(p.blood_hu), where=cav & (hq < 0.72**2))
+        np.copyto(s_, _S["heart"], where=heart)
         # lung parenchyma with a dependent (posterior) gradient and faint texture
         grad = p.lung_gradient_hu * np.clip((v + anat.B) / (2 * anat.B), 0.0, 1.0) ** 2
         lung_hu = p.lung_hu + grad + 1.5 * texture
@@ -1137,24 +1142,24 @@ def _render_anatomy(
             major = z - (anat.zb + 0.28 * anat.H + 0.42 * anat.H * (vf / anat.B))
             sheet = np.clip(1.0 - np.abs(major) * 0.5 / width, 0.0, 1.0)
             lung_hu = lung_hu + gain * sheet
-        h[lung_r] = np.broadcast_to(lung_hu, h.shape)[lung_r]
-        s_[lung_r] = _S["lung"]
+        np.copyto(h, lung_hu, where=lung_r)
+        np.copyto(s_, _S["lung"], where=lung_r)
         # spine: vertebral bodies (cortex + trabecular bone), discs, canal, posterior elements
         du, dv = u - anat.mc, v - anat.v_vb
         rv2 = du * du + dv * dv
         disc = np.abs(((z - anat.zb) / (p.rib_pitch_mm * 1.02)) % 1.0 - 0.5) < 0.1
         vb = rv2 < anat.r_vb**2
-        vb_hu = np.where(disc, 85.0, np.where(rv2 > (anat.r_vb - 2.5) ** 2, p.cortex_hu * 0.8, p.bone_hu))
-        h[vb & body] = np.broadcast_to(vb_hu, h.shape)[vb & body]
-        s_[vb & body] = _S["bone"]
+        vb_hu = np.where(disc, f32(85.0), np.where(rv2 > (anat.r_vb - 2.5) ** 2, f32(p.cortex_hu * 0.8), f32(p.bone_hu)))
+        np.copyto(h, vb_hu, where=vb & body)
+        np.copyto(s_, _S["bone"], where=vb & body)
         canal_v = anat.v_vb + anat.r_vb + 9.0
         rc2 = du * du + (v - canal_v) ** 2
         arch = (rc2 < 15.0**2) & (rc2 >= 9.0**2) & (v > anat.v_vb + anat.r_vb - 2)
         spinous = (np.abs(du) < 4.0) & (v > canal_v + 12.0) & (v < canal_v + 40.0) & (depth > p.skin_mm + p.fat_mm)
         post = (arch | spinous) & body
-        h[post] = p.cortex_hu * 0.7
-        s_[post] = _S["bone"]
-        h[(rc2 < 9.0**2) & body] = 15.0
+        np.copyto(h, f32(p.cortex_hu * 0.7), where=post)
+        np.copyto(s_, _S["bone"], where=post)
+        np.copyto(h, f32(15.0), where=(rc2 < 9.0**2) & body)
 
 
 def _render_tubes(
@@ -1277,13 +1282,20 @@ def render_phantom(params: PhantomParams) -> Phantom:
     _render_nodules(p.nodules, fine, hu, lung, ids, struct)
 
     nz, ny, nx = p.shape_zyx
-    hu_s = np.zeros((nz, ny, nx), dtype=np.float32)
+    s0 = int(fine.start[0])
+    contiguous = fine.width == 1 and np.array_equal(fine.start, s0 + np.arange(nz))
+    scratch: NDArray[np.float32] | None = None
+    if contiguous:  # one plane per slice: the slices are a view of the planes
+        hu_s = hu[s0 : s0 + nz]
+    else:
+        hu_s = np.zeros((nz, ny, nx), dtype=np.float32)
     lung_f = np.zeros((ny, nx), dtype=np.float32)
     nod_f = np.zeros((ny, nx), dtype=np.float32)
     lung_s = np.zeros((nz, ny, nx), dtype=bool)
     nod_frac = np.zeros((nz, ny, nx), dtype=bool)
     ids_s = np.zeros((nz, ny, nx), dtype=np.uint8)
     struct_s = np.zeros((nz, ny, nx), dtype=np.uint8)
+    has_nodule = ids.reshape(ids.shape[0], -1).max(axis=1) > 0 if p.nodules else np.zeros(ids.shape[0], bool)
     for k in range(nz) if fine.width > 1 else ():
         lung_f[...] = 0.0
         nod_f[...] = 0.0
@@ -1295,27 +1307,33 @@ def render_phantom(params: PhantomParams) -> Phantom:
             q = int(fine.start[k] + w_i)
             hu_s[k] += w * hu[q]
             lung_f += w * lung[q]
-            nod_f += w * (ids[q] > 0)
-            np.maximum(ids_s[k], ids[q], out=ids_s[k])
+            if has_nodule[q]:
+                nod_f += w * (ids[q] > 0)
+                np.maximum(ids_s[k], ids[q], out=ids_s[k])
             if w > best:  # anatomy names from the plane that weighs most
                 best = w
                 struct_s[k] = struct[q]
         lung_s[k] = lung_f >= 0.5
         nod_frac[k] = nod_f >= 0.5
-    if fine.width == 1:  # one plane per slice: take them as they are
+    if contiguous:
+        lung_s = lung[s0 : s0 + nz]
+        ids_s = ids[s0 : s0 + nz]
+        nod_frac = ids_s > 0
+        struct_s = struct[s0 : s0 + nz]
+    elif fine.width == 1:
         hu_s[...] = hu[fine.start]
         lung_s[...] = lung[fine.start]
         ids_s[...] = ids[fine.start]
         nod_frac[...] = ids_s > 0
         struct_s[...] = struct[fine.start]
+    if not contiguous:
+        scratch = hu[:nz]  # the planes are no longer needed: their memory takes the noise
     del hu, lung, ids, struct
-    labels = np.zeros((nz, ny, nx), dtype=np.uint8)
-    labels[lung_s] = LABEL_LUNG
     nod = nod_frac & lung_s
-    labels[nod] = LABEL_NODULE
-    nodule_ids = np.where(nod, ids_s, 0).astype(np.uint8)
+    labels = np.add(lung_s, nod, dtype=np.uint8)  # 0 background, 1 lung, 2 nodule (nodule ⊂ lung)
+    nodule_ids = ids_s * nod if p.nodules else np.zeros_like(labels)
 
-    image = _add_blur_and_noise(hu_s, p)
+    image = _add_blur_and_noise(hu_s, p, scratch)
     if p.circular_fov:
         # many scanners reconstruct only the inscribed circle and fill the corners with −1024
         jj = (np.arange(ny) - (ny - 1) / 2) / (ny / 2)
@@ -1368,20 +1386,24 @@ def _gauss_gain(sigma_px: float) -> float:
         return 1.0
     delta = np.zeros(int(8 * sigma_px) * 2 + 3)
     delta[len(delta) // 2] = 1.0
-    kernel = ndimage.gaussian_filter1d(delta, sigma_px, mode="constant")
+    kernel = ndimage.gaussian_filter1d(delta, sigma_px, mode="constant", truncate=3.0)
     return float(np.sqrt(np.sum(kernel**2)))
 
 
-def _add_blur_and_noise(hu: NDArray[np.float32], p: PhantomParams) -> NDArray[np.float32]:
+def _add_blur_and_noise(
+    hu: NDArray[np.float32], p: PhantomParams, scratch: NDArray[np.float32] | None = None
+) -> NDArray[np.float32]:
     """White noise added to the partial-volume image, then the in-plane point-spread blur over both:
-    the noise becomes correlated (as in filtered back-projection) with the requested final std."""
+    the noise becomes correlated (as in filtered back-projection) with the requested final std.
+    ``scratch`` (same shape as ``hu``, contents discarded) saves allocating the noise buffer."""
     sigma_px = p.blur_sigma_mm / p.pixel_spacing_mm
-    gain = _gauss_gain(sigma_px) ** 2
+    gain = _gauss_gain(sigma_px) ** 2 if sigma_px > 0.05 else 1.0
     rng = _rng(p.seed, "noise")
     if p.hu_offset:
         hu += np.float32(p.hu_offset)
     if p.noise_sigma_hu > 0:
-        noise = rng.standard_normal(hu.shape, dtype=np.float32)
+        noise = scratch if scratch is not None and scratch.shape == hu.shape else np.empty_like(hu)
+        rng.standard_normal(out=noise, dtype=np.float32)
         noise *= np.float32(p.noise_sigma_hu / gain)
         hu += noise
         del noise

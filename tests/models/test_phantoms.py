@@ -268,3 +268,12 @@ def test_cli_writes_a_series_and_the_truth(tmp_path: Path, capsys: pytest.Captur
     truth = np.load(tmp_path / "t.npz")
     assert truth["labels_zyx"].shape == (4, 48, 48)
     assert main(["--seed", "1", "--out", str(out), "--shape", "0,48,48"]) == 2
+
+
+def test_noise_has_the_requested_standard_deviation(fine_phantom: Phantom) -> None:
+    ph = fine_phantom
+    liver = ndimage.binary_erosion(ph.structures_zyx == 12, iterations=3)  # abdomen: uniform tissue
+    values = ph.hu_zyx[liver].astype(np.float64)
+    assert values.size > 1000
+    robust_sigma = 1.4826 * np.median(np.abs(values - np.median(values)))
+    assert abs(robust_sigma - ph.params.noise_sigma_hu) < 0.25 * ph.params.noise_sigma_hu
