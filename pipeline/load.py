@@ -14,11 +14,11 @@ dropped silently. This module must not touch SQLite, the network or torch, and n
 tilted or gappy series is rejected, not repaired.
 
 Reason codes raised here: ``unreadable_file``, ``mixed_series``, ``missing_frame_of_reference``,
-``mixed_frame_of_reference``,
-``no_pixel_data``, ``unsupported_pixel_format``, ``unsupported_multiframe``, ``missing_geometry``,
-``mixed_orientations``, ``mixed_image_sizes``, ``too_few_slices``, ``conflicting_duplicates``,
-``gantry_tilt``, ``inconsistent_positions``, ``missing_slices``, ``irregular_spacing``,
-``undecodable_pixel_data``. An operating-system error while reading raises `TransientPipelineError`.
+``mixed_frame_of_reference``, ``no_pixel_data``, ``unsupported_pixel_format``,
+``unsupported_multiframe``, ``undecodable_pixel_data``, ``missing_geometry``, ``mixed_orientations``,
+``mixed_image_sizes``, ``too_few_slices``, ``conflicting_duplicates``, ``gantry_tilt``,
+``inconsistent_positions``, ``missing_slices``, ``irregular_spacing``. An operating-system error while
+reading raises `TransientPipelineError` instead (retried).
 """
 
 from __future__ import annotations
@@ -573,10 +573,7 @@ def load_series(
             _drop_pixels(datasets[frame.instance])  # free the encoded pixels once decoded
     pixels.release()
 
-    used_instances: list[int] = []
-    for frame in stack:
-        if frame.instance not in used_instances:
-            used_instances.append(frame.instance)
+    used_instances = list(dict.fromkeys(frame.instance for frame in stack))  # volume order, unique
     headers = tuple(_header(datasets[i]) for i in used_instances)
     source_frames = tuple(
         SourceFrame(
