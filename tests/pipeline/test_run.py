@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import highdicom as hd
@@ -37,7 +38,10 @@ def _expected_centroid(chest_affine: np.ndarray) -> np.ndarray:
     return chest_affine[:3, :3] @ np.array([i, j, k]) + chest_affine[:3, 3]
 
 
-def test_run_job_writes_conformant_seg_and_sr_for_the_nodule(tmp_path: Path, model_dir: Path) -> None:
+def test_run_job_writes_conformant_seg_and_sr_for_the_nodule(
+    tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     chest = write_chest_series(
         tmp_path / "in", nodules=[NODULE], patient_name=JAPANESE_NAME, specific_character_set="ISO_IR 192", reverse_files=True
     )
@@ -53,6 +57,10 @@ def test_run_job_writes_conformant_seg_and_sr_for_the_nodule(tmp_path: Path, mod
     assert job.study_finding is not None and job.study_finding.present
     assert all(getattr(job.timings, name) >= 0 for name in ("load", "preprocess", "infer", "postprocess", "encode"))
     assert (job.series_instance_uid, job.study_instance_uid) == (chest.series_instance_uid, chest.study_instance_uid)
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "event=job_done" in logged
+    for phi in (JAPANESE_NAME, "山田", "SYN-0001", "19700101", "ACC0001"):  # name, ID, birth date, accession
+        assert phi not in logged
 
     seg = hd.seg.segread(job.seg_path)
     sr = hd.sr.srread(job.sr_path)
