@@ -9,6 +9,25 @@ prediction on the network's grid back onto the source grid exactly (same shape, 
 `segment_lungs_classical` is the classical lung mask (threshold, region growing from seeds inside the
 body, morphology) that ``crop_lungs`` uses and that doubles as the baseline of issue 4.
 
+Operations and their parameters (the keys of a ``[[preprocess]]`` table besides ``op``; defaults in
+brackets; lengths in mm, intensities in the volume's unit, HU for CT):
+
+- ``crop_lungs``: ``margin_mm`` [10], ``threshold_hu`` [-400], ``working_spacing_mm`` [2] — crop to the
+  classical lung mask's box; without lungs, the body's box, then the whole volume.
+- ``crop_body``: ``threshold_hu`` [-500], ``margin_mm`` [0] — crop to the largest component above the
+  threshold.
+- ``resample``: ``spacing_mm`` (one number or ``[z, y, x]``), ``order`` [1] (0 nearest, 1 linear,
+  3 cubic spline).
+- ``clip``: ``min``, ``max``.
+- ``normalize``: ``mode`` ["window"], ``min``, ``max`` — ``"window"`` maps ``[min, max]`` to ``[0, 1]``;
+  ``"zscore"`` subtracts the mean and divides by the standard deviation of the voxels within
+  ``[min, max]`` (all voxels when omitted).
+- ``denoise``: ``method`` ["median"] (``"median"``, ``"mean"``, ``"gaussian"``), ``size`` [3] voxels
+  (median, mean), ``sigma_mm`` [1] (gaussian).
+- ``contrast_stretch``: ``lower_percentile`` [1], ``upper_percentile`` [99] — mapped to 0 and 1.
+- ``histogram_equalize``: ``bins`` [256] — to ``[0, 1]``.
+- ``pad_to_multiple``: ``multiple`` [16] (one integer or ``[z, y, x]``), ``value`` [the volume's minimum].
+
 This module knows arrays and affines only: no DICOM, no files, no torch.
 
 Geometry follows `pipeline.types`: arrays ``[k, j, i]``, ``affine_lps`` maps ``(i, j, k, 1)`` to LPS mm.

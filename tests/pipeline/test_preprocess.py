@@ -306,6 +306,20 @@ def test_the_plan_operations_match_the_manifest_schema() -> None:
     assert set(OPERATIONS) == set(KNOWN_PREPROCESS_OPS)
 
 
+def test_every_operation_parameter_is_documented_in_the_module_docstring() -> None:
+    import inspect
+
+    import pipeline.preprocess as preprocess
+
+    doc = preprocess.__doc__ or ""
+    for op in OPERATIONS:
+        assert f"``{op}``:" in doc, op
+        section = doc.split(f"``{op}``:", 1)[1].split("\n- ", 1)[0]
+        parameters = list(inspect.signature(getattr(preprocess, op)).parameters)[1:]
+        missing = [name for name in parameters if f"``{name}``" not in section]
+        assert not missing, f"{op}: parameters not documented: {missing}"
+
+
 def test_invert_refuses_an_array_that_is_not_on_the_plan_grid() -> None:
     volume = _phantom_volume()
     out, records = run_plan(volume, [StepSpec("pad_to_multiple", {"multiple": 64})])
