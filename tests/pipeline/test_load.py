@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from pipeline.errors import InputRejectedError, TransientPipelineError
@@ -419,3 +421,52 @@ def test_every_rejection_reason_the_loader_raises_is_documented_in_its_module_do
     assert raised >= {"missing_slices", "gantry_tilt", "conflicting_duplicates", "no_pixel_data"}
     documented = set(re.findall(r"``([a-z_]+)``", load_module.__doc__ or ""))
     assert raised <= documented, f"undocumented reasons: {sorted(raised - documented)}"
+
+
+def _rotation(alpha: float, beta: float, gamma: float) -> np.ndarray:
+    ca, sa, cb, sb, cg, sg = (f(v) for v in (alpha, beta, gamma) for f in (math.cos, math.sin))
+    rz = np.array([[ca, -sa, 0], [sa, ca, 0], [0, 0, 1]])
+    ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
+    rx = np.array([[1, 0, 0], [0, cg, -sg], [0, sg, cg]])
+    return rz @ ry @ rx
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    angles=st.tuples(*[st.floats(-math.pi, math.pi, allow_nan=False)] * 3),
+    n_slices=st.integers(2, 6),
+    spacing_mm=st.floats(0.5, 8.0, allow_nan=False),
+    pixel_spacing=st.tuples(st.floats(0.2, 3.0, allow_nan=False), st.floats(0.2, 3.0, allow_nan=False)),
+    order_seed=st.integers(0, 1000),
+)
+def test_any_orientation_and_file_order_gives_an_affine_that_reproduces_every_header(
+    angles: tuple[float, float, float],
+    n_slices: int,
+    spacing_mm: float,
+    pixel_spacing: tuple[float, float],
+    order_seed: int,
+) -> None:
+    import tempfile
+
+    rotation = _rotation(*angles)
+    orientation = tuple(float(v) for v in (*rotation[:, 0], *rotation[:, 1]))
+    stored = np.random.default_rng(order_seed).integers(0, 2000, size=(n_slices, 4, 5)).astype(np.int16)
+    order = list(np.random.default_rng(order_seed).permutation(n_slices))
+    with tempfile.TemporaryDirectory() as folder:
+        paths = write_ct_series(
+            Path(folder),
+            stored,
+            orientation=orientation,
+            spacing_mm=spacing_mm,
+            pixel_spacing=pixel_spacing,
+            write_order=order,
+        )
+        series = load_series([Path(folder)])
+        for k in range(n_slices):
+            for j, i in ((0, 0), (3, 4), (1, 2)):
+                np.testing.assert_allclose(
+                    series.volume.index_to_lps(np.array([k, j, i])),
+                    _expected_voxel_lps(paths, k, j, i),
+                    atol=1e-3,
+                )
+        np.testing.assert_array_equal(series.volume.array_zyx, stored.astype(np.float32) - 1024)
