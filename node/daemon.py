@@ -2,7 +2,7 @@
 
 Start-up, in this order: prepare the spool folders, migrate the index, reconcile it with the spool
 (nothing is accepted before that), bind the listening socket (port 0 = a free port), fork
-``receiver.processes`` SCP processes (0 = one per CPU core) that share the socket, the bounded queue to
+``receiver.processes`` SCP processes (0 = two per CPU core, see `receiver_process_count`) that share the socket, the bounded queue to
 the indexer and the ``max_associations`` semaphore, then start the indexer and scheduler threads here
 in the parent, log ``event=listening ... port=N`` and tell systemd READY. Processes are forked before
 any thread starts. A receiver process dies with the parent (PR_SET_PDEATHSIG), so a ``kill -9`` of
@@ -67,9 +67,18 @@ def _receiver_process(settings: Settings, listen_socket: socket.socket, q: Any, 
     q.join_thread()  # every ReceivedFile handed over reaches the pipe before we exit
 
 
-def receiver_process_count(settings: Settings) -> int:
-    """``receiver.processes``, with 0 meaning one per CPU core."""
-    return settings.receiver.processes or (os.cpu_count() or 1)
+def receiver_process_count(settings: Settings, cpu_count: int | None = None) -> int:
+    """``receiver.processes``; 0 means two per CPU core, at least 4, at most ``max_associations``.
+
+    More processes than cores pays because a durable store spends a large part of each instance
+    waiting in fsync: with 4 parallel storescu senders on the 2-core box, 4 processes received
+    172-198 images/s where 2 processes received 116-162 (interleaved runs, same load).
+    """
+    r = settings.receiver
+    if r.processes:
+        return r.processes
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return max(1, min(max(2 * cores, 4), r.max_associations))
 
 
 def serve(settings: Settings) -> int:

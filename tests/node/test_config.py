@@ -106,3 +106,19 @@ def test_help_documents_every_command_and_the_exit_codes(capsys):
         assert command in out
     for code in ("0 ", "1 ", "2 ", "3 "):
         assert f"  {code}" in out
+
+
+def test_processes_zero_means_two_per_core_bounded_by_max_associations(tmp_path):
+    from node.daemon import receiver_process_count
+
+    def count(cores, **receiver):
+        path = tmp_path / "p.toml"
+        body = "".join(f"{k} = {v}\n" for k, v in receiver.items())
+        path.write_text(f'[receiver]\n{body}[storage]\ndata_dir = "{tmp_path / "d"}"\n', encoding="utf-8")
+        return receiver_process_count(load_settings(path, env={}), cpu_count=cores)
+
+    assert count(1) == 4
+    assert count(2) == 4
+    assert count(8) == 16
+    assert count(8, max_associations=6) == 6
+    assert count(8, processes=3) == 3
