@@ -14,6 +14,7 @@ referenced frame by frame. Patient, study and Specific Character Set come from t
 
 from __future__ import annotations
 
+import datetime
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -73,6 +74,21 @@ def source_headers(source: SourceSeries) -> list[Dataset]:
             ds = copy
         headers.append(ds)
     return headers
+
+
+def stamp_content_datetime(dataset: Dataset, when: datetime.datetime) -> None:
+    """Set every creation timestamp highdicom writes (Content, Instance Creation, Contribution Date/Time)
+    to ``when``, so the same job encoded twice gives the same bytes (the worker passes the time the job
+    was created; a PACS must never receive two contents under one SOP Instance UID)."""
+    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")
+    for prefix in ("Content", "InstanceCreation"):
+        if f"{prefix}Date" in dataset:
+            setattr(dataset, f"{prefix}Date", date)
+        if f"{prefix}Time" in dataset:
+            setattr(dataset, f"{prefix}Time", time)
+    for item in dataset.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = date + time
 
 
 def software_version() -> str:
@@ -169,6 +185,7 @@ def encode_seg(
     series_description: str | None = None,
     series_number: int = SEG_SERIES_NUMBER,
     instance_number: int = 1,
+    content_datetime: datetime.datetime | None = None,
 ) -> hd.seg.Segmentation:
     """Build the Segmentation instance of one analysis.
 
@@ -187,6 +204,9 @@ def encode_seg(
         The segments (`plan_segments`); computed when omitted. Pass the same layout to `encode_sr`.
     series_description
         Series Description (0008,103E); default ``spec.outputs.seg_series_description``.
+    content_datetime
+        Content and instance creation date/time; None = now. With a fixed value the SEG is identical,
+        byte for byte, each time the same result is encoded (`stamp_content_datetime`).
 
     Returns
     -------
@@ -255,6 +275,12 @@ def encode_seg(
         omit_empty_frames=True,
     )
     seg.SeriesDescription = (series_description or spec.outputs.seg_series_description)[:64]
+    # highdicom draws a random Dimension Organization UID; ours derives from the inputs like every
+    # other result UID (it is referenced from the Dimension Index Sequence too).
+    for item in [*seg.DimensionOrganizationSequence, *seg.get("DimensionIndexSequence", [])]:
+        item.DimensionOrganizationUID = uids.seg_dimension_organization_uid
+    if content_datetime is not None:
+        stamp_content_datetime(seg, content_datetime)
     log.info(
         "event=seg_encoded model=%s segments=%d frames=%d type=%s",
         spec.name,

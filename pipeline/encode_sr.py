@@ -20,6 +20,7 @@ Pure: returns a dataset; writing it is `pipeline.run`'s job.
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ from pipeline.encode_seg import (
     finding_tracking_id,
     plan_segments,
     source_headers,
+    stamp_content_datetime,
 )
 from pipeline.types import Finding, SegmentationResult, SourceSeries, StudyFinding
 from pipeline.uids import ResultUids
@@ -76,6 +78,7 @@ def encode_sr(
     series_number: int = SR_SERIES_NUMBER,
     instance_number: int = 1,
     previous_versions: Sequence[Dataset] = (),
+    content_datetime: datetime.datetime | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report of one analysis as a Comprehensive 3D SR.
 
@@ -99,6 +102,8 @@ def encode_sr(
     previous_versions
         Earlier SRs of the same study this one replaces (a re-run after late instances arrived); they
         are named in the Predecessor Documents Sequence (0040,A360).
+    content_datetime
+        Content and instance creation date/time; None = now (see `encode_seg.stamp_content_datetime`).
 
     Returns
     -------
@@ -150,6 +155,8 @@ def encode_sr(
         previous_versions=list(previous_versions) or None,
     )
     sr.SeriesDescription = (series_description or spec.outputs.sr_series_description)[:64]
+    if content_datetime is not None:
+        stamp_content_datetime(sr, content_datetime)
     log.info(
         "event=sr_encoded model=%s findings=%d study_finding=%s",
         spec.name,

@@ -9,6 +9,7 @@ resource trouble raises `pipeline.errors.TransientPipelineError`.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import tempfile
@@ -139,6 +140,7 @@ def run_job(
     seg_series_description: str | None = None,
     sr_series_description: str | None = None,
     predecessor_sr_paths: Sequence[Path] = (),
+    content_datetime: datetime.datetime | None = None,
 ) -> JobOutput:
     """Analyse one series and write its SEG and SR into ``out_dir``.
 
@@ -162,6 +164,9 @@ def run_job(
     predecessor_sr_paths
         SR files of an earlier analysis of the same study that this one supersedes (the study changed,
         so the result UIDs are new); the new SR names them as predecessor documents.
+    content_datetime
+        Content/creation date and time of both outputs; None = now. The worker passes the time its job
+        was created, so a re-run of the same job writes byte-identical files under the same UIDs.
 
     Returns
     -------
@@ -211,7 +216,15 @@ def run_job(
     t_post = time.perf_counter()
 
     layout = plan_segments(result, uids)
-    seg = encode_seg(source, result, model, uids, layout=layout, series_description=seg_series_description or None)
+    seg = encode_seg(
+        source,
+        result,
+        model,
+        uids,
+        layout=layout,
+        series_description=seg_series_description or None,
+        content_datetime=content_datetime,
+    )
     previous = [pydicom.dcmread(p, stop_before_pixels=True) for p in predecessor_sr_paths]
     sr = encode_sr(
         source,
@@ -222,6 +235,7 @@ def run_job(
         layout=layout,
         series_description=sr_series_description or None,
         previous_versions=previous,
+        content_datetime=content_datetime,
     )
     t_encode = time.perf_counter()
 

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 RESULT_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:pacs-edge-node:result-uid")
 
 #: Output kinds that `derive_result_uid` accepts besides ``tracking:<n>``.
-RESULT_KINDS = ("seg-series", "seg-instance", "sr-series", "sr-instance", "device-observer", "study-finding")
+RESULT_KINDS = (
+    "seg-series",
+    "seg-instance",
+    "seg-dimension-organization",
+    "sr-series",
+    "sr-instance",
+    "device-observer",
+    "study-finding",
+)
 
 
 def derive_result_uid(
@@ -69,6 +77,7 @@ class ResultUids:
 
     seg_series_instance_uid: str
     seg_sop_instance_uid: str
+    seg_dimension_organization_uid: str
     sr_series_instance_uid: str
     sr_sop_instance_uid: str
     device_observer_uid: str
@@ -94,6 +103,7 @@ def plan_result_uids(source_sop_instance_uids: Iterable[str], model_name: str, m
     return ResultUids(
         seg_series_instance_uid=derive("seg-series"),
         seg_sop_instance_uid=derive("seg-instance"),
+        seg_dimension_organization_uid=derive("seg-dimension-organization"),
         sr_series_instance_uid=derive("sr-series"),
         sr_sop_instance_uid=derive("sr-instance"),
         device_observer_uid=derive("device-observer"),

@@ -9,6 +9,7 @@ warnings printed.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,13 +245,21 @@ def test_japanese_patient_name_survives_in_seg_and_sr(tmp_path: Path) -> None:
     check_sr(e)
 
 
-def test_same_input_gives_identical_uids_and_content_twice(tmp_path: Path) -> None:
+def test_same_result_encoded_twice_at_a_fixed_time_gives_identical_bytes(tmp_path: Path) -> None:
     e = encode_chest(tmp_path / "a")
-    seg_again = encode_seg(e.source, e.result, e.spec, e.uids)
-    first = pydicom.dcmread(e.seg_path)
-    assert seg_again.SOPInstanceUID == first.SOPInstanceUID
-    assert seg_again.SeriesInstanceUID == first.SeriesInstanceUID
-    assert seg_again.PixelData == first.PixelData
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5, 600)
+    paths = []
+    for n in range(2):
+        seg = encode_seg(e.source, e.result, e.spec, e.uids, content_datetime=when)
+        sr = encode_sr(e.source, e.result, seg, e.spec, e.uids, content_datetime=when)
+        paths += [tmp_path / f"seg{n}.dcm", tmp_path / f"sr{n}.dcm"]
+        seg.save_as(paths[-2])
+        sr.save_as(paths[-1])
+    assert paths[0].read_bytes() == paths[2].read_bytes()
+    assert paths[1].read_bytes() == paths[3].read_bytes()
+    seg = pydicom.dcmread(paths[0])
+    assert (seg.ContentDate, seg.ContentTime) == ("20260102", "030405.000600")
+    assert seg.DimensionOrganizationSequence[0].DimensionOrganizationUID == e.uids.seg_dimension_organization_uid
 
 
 def test_sr_of_a_rerun_names_its_predecessor(tmp_path: Path) -> None:

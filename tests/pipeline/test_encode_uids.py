@@ -23,6 +23,7 @@ def test_every_output_kind_gets_its_own_uid() -> None:
     values = [
         uids.seg_series_instance_uid,
         uids.seg_sop_instance_uid,
+        uids.seg_dimension_organization_uid,
         uids.sr_series_instance_uid,
         uids.sr_sop_instance_uid,
         uids.device_observer_uid,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 from pathlib import Path
 
@@ -80,9 +81,12 @@ def test_run_job_writes_conformant_seg_and_sr_for_the_nodule(
 def test_run_job_twice_gives_the_same_result_uids_and_files(tmp_path: Path, model_dir: Path) -> None:
     chest = write_chest_series(tmp_path / "in", nodules=[NODULE])
     spec = ModelRegistry(model_dir).get("tiny_test_model")
-    first = run_job(list(chest.paths), tmp_path / "out", model=spec, device="cpu")
-    again = run_job(list(reversed(chest.paths)), tmp_path / "out", model=spec, device="cpu")
+    when = datetime.datetime(2026, 3, 4, 5, 6, 7)
+    first = run_job(list(chest.paths), tmp_path / "out", model=spec, device="cpu", content_datetime=when)
+    seg_bytes, sr_bytes = first.seg_path.read_bytes(), first.sr_path.read_bytes()
+    again = run_job(list(reversed(chest.paths)), tmp_path / "out", model=spec, device="cpu", content_datetime=when)
     assert (first.seg_path, first.sr_path) == (again.seg_path, again.sr_path)
+    assert (again.seg_path.read_bytes(), again.sr_path.read_bytes()) == (seg_bytes, sr_bytes)
     assert first.sr_sop_instance_uid == again.sr_sop_instance_uid
     assert [f.tracking_uid for f in first.findings] == [f.tracking_uid for f in again.findings]
     assert len(list((tmp_path / "out").iterdir())) == 2
