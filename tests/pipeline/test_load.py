@@ -121,6 +121,17 @@ def test_datasets_are_headers_without_pixel_data_in_volume_order(tmp_path: Path,
     assert series.modality == "CT"
 
 
+def test_headers_keep_the_character_set_and_a_japanese_patient_name(
+    tmp_path: Path, stored: np.ndarray
+) -> None:
+    ids = new_series_ids(patient_name="山田^太郎")
+    paths = write_ct_series(tmp_path, stored[:3], ids=ids, specific_character_set="ISO_IR 192")
+    series = load_series(paths)
+    header = series.datasets[0]
+    assert header.SpecificCharacterSet == "ISO_IR 192"
+    assert str(header.PatientName) == "山田^太郎"
+
+
 @pytest.mark.parametrize("transfer_syntax", [RLELossless, JPEG2000Lossless], ids=["rle", "jpeg2000"])
 def test_compressed_series_decode_to_the_same_hounsfield_units(
     tmp_path: Path, stored: np.ndarray, transfer_syntax: str
