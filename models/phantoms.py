@@ -76,6 +76,7 @@ STRUCTURES: dict[int, str] = {
     12: "abdomen",
     13: "nodule",
     14: "central_airway",
+    15: "spicule",
 }
 _S = {name: value for value, name in STRUCTURES.items()}
 
@@ -102,7 +103,10 @@ class NoduleSpec:
     ``rotation`` a 3×3 rotation (row-major) of the ellipsoid frame into LPS; ``lobes`` a tuple of
     (amplitude, order, axis_x, axis_y, axis_z, phase) zonal harmonics perturbing the surface radius;
     ``hu`` the solid (or ground-glass) attenuation; ``core_fraction`` and ``core_hu`` the solid core of a
-    part-solid nodule (0 for the other kinds).
+    part-solid nodule (0 for the other kinds); ``edge_mm`` how gradual the margin is (0: one pixel);
+    ``texture_hu`` and ``waves`` (wave vector in rad/mm and phase) an internal heterogeneity;
+    ``spicules`` (direction x, y, z, length beyond the surface as a fraction of the radius, radius
+    in mm) thin strands radiating from a solid nodule, drawn in the image but not labelled.
     """
 
     center_lps_mm: tuple[float, float, float]
@@ -115,6 +119,10 @@ class NoduleSpec:
     hu: float = 30.0
     core_fraction: float = 0.0
     core_hu: float = 30.0
+    edge_mm: float = 0.0
+    texture_hu: float = 0.0
+    waves: tuple[tuple[float, float, float, float], ...] = ()
+    spicules: tuple[tuple[float, float, float, float, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -914,6 +922,22 @@ def _place_nodules(
             hu, core_f, core_hu = float(rng.uniform(-620, -380)), float(rng.uniform(0.35, 0.65)), float(rng.uniform(-10, 50))
         else:
             hu, core_f, core_hu = float(rng.uniform(-650, -320)), 0.0, 0.0
+        x_rng = _rng(p.seed, "nodule-look", str(len(placed)))
+        if kind == "solid":
+            edge, texture = float(x_rng.uniform(0.0, 0.6)), float(x_rng.uniform(4, 20))
+        else:
+            edge, texture = float(x_rng.uniform(0.5, 2.5)), float(x_rng.uniform(15, 60))
+        waves = []
+        for _ in range(3):
+            k_dir = x_rng.normal(size=3)
+            k_dir *= 2 * np.pi / float(x_rng.uniform(3.0, 8.0)) / np.linalg.norm(k_dir)
+            waves.append((*map(float, k_dir), float(x_rng.uniform(0, 2 * np.pi))))
+        spicules = []
+        if kind == "solid" and diameter >= 8 and x_rng.random() < 0.35:
+            for _ in range(int(x_rng.integers(4, 13))):
+                d = x_rng.normal(size=3)
+                d /= np.linalg.norm(d)
+                spicules.append((*map(float, d), float(x_rng.uniform(0.4, 1.0)), float(x_rng.uniform(0.35, 0.7))))
         placed.append(
             NoduleSpec(
                 center_lps_mm=tuple(float(c) for c in center),  # type: ignore[arg-type]
@@ -926,6 +950,10 @@ def _place_nodules(
                 hu=hu,
                 core_fraction=core_f,
                 core_hu=core_hu,
+                edge_mm=edge,
+                texture_hu=texture,
+                waves=tuple(waves),  # type: ignore[arg-type]
+                spicules=tuple(spicules),  # type: ignore[arg-type]
             )
         )
     return tuple(placed)
@@ -1216,12 +1244,14 @@ def _render_tubes(
             lung[box][inside] = False
 
 
-def _nodule_occupancy(spec: NoduleSpec, fine: _Fine) -> tuple[tuple[slice, slice, slice], NDArray[np.float32], NDArray[np.float32]] | None:
-    """Occupancy (0..1) of a nodule and of its solid core over its bounding box."""
+def _nodule_occupancy(
+    spec: NoduleSpec, fine: _Fine
+) -> tuple[tuple[slice, slice, slice], NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]] | None:
+    """Occupancy (0..1) of a nodule and of its solid core over its bounding box, and its texture (HU)."""
     c = np.array(spec.center_lps_mm)
     radius = spec.diameter_mm / 2
     amp = sum(abs(lb[0]) for lb in spec.lobes)
-    reach = radius * max(spec.axes) * (1 + amp) + 2 * fine.h
+    reach = radius * max(spec.axes) * (1 + amp) + 2 * max(fine.h, spec.edge_mm)
     box = fine.box(c - reach, c + reach)
     if box is None:
         return None
@@ -1237,30 +1267,48 @@ def _nodule_occupancy(spec: NoduleSpec, fine: _Fine) -> tuple[tuple[slice, slice
     for amp_i, order, ax, ay, az, phase in spec.lobes:
         cosang = np.clip((q[0] * ax + q[1] * ay + q[2] * az) / rn, -1.0, 1.0)
         surface += np.float32(amp_i) * np.cos(np.float32(order) * np.arccos(cosang) + np.float32(phase))
-    scale = np.float32(radius / fine.h)
+    scale = np.float32(radius / max(fine.h, spec.edge_mm))
     occ = np.clip((surface - rn) * scale + 0.5, 0.0, 1.0)
-    core = np.clip((surface * spec.core_fraction - rn) * scale + 0.5, 0.0, 1.0) if spec.core_fraction > 0 else np.zeros_like(occ)
-    return box, occ, core
+    core_scale = np.float32(radius / fine.h)
+    core = np.clip((surface * spec.core_fraction - rn) * core_scale + 0.5, 0.0, 1.0) if spec.core_fraction > 0 else np.zeros_like(occ)
+    texture = np.zeros_like(occ)
+    for kx, ky, kz, phase in spec.waves:
+        texture += np.sin(px * kx + py * ky + pz * kz + np.float32(phase))
+    if spec.waves:
+        texture *= np.float32(spec.texture_hu / math.sqrt(len(spec.waves)))
+    return box, occ, core, texture
 
 
 def _render_nodules(
     specs: Sequence[NoduleSpec], fine: _Fine, hu: NDArray[np.float32], lung: NDArray[np.bool_], ids: NDArray[np.uint8], struct: NDArray[np.uint8]
 ) -> None:
     for n, spec in enumerate(specs, start=1):
+        if spec.spicules:
+            c = np.array(spec.center_lps_mm)
+            radius = spec.diameter_mm / 2
+            strands = [
+                _Tube(
+                    tuple(c + np.array(d) * 0.7 * radius),  # type: ignore[arg-type]
+                    tuple(c + np.array(d) * (1.0 + length) * radius),  # type: ignore[arg-type]
+                    r, 0.15, spec.hu, _S["spicule"], lung_only=True,
+                )
+                for *d, length, r in spec.spicules
+            ]
+            _render_tubes(strands, fine, hu, lung, struct)
         got = _nodule_occupancy(spec, fine)
         if got is None:
             continue
-        box, occ, core = got
+        box, occ, core, texture = got
         occ = occ * lung[box]  # never outside the lung region: the pleura clips a juxtapleural nodule
         core = core * lung[box]
         h = hu[box]
         if spec.kind == "solid":
-            h += occ * (spec.hu - h)
+            h += occ * (spec.hu + texture - h)
         else:
             # ground glass: vessels keep showing through (max), a part-solid core replaces
-            h[...] = np.maximum(h, h + occ * (spec.hu - h))
+            h[...] = np.maximum(h, h + occ * (spec.hu + texture - h))
             if spec.kind == "part_solid":
-                h += core * (spec.core_hu - h)
+                h += core * (spec.core_hu + 0.3 * texture - h)
         inside = occ >= 0.5
         ids[box][inside] = n
         struct[box][inside] = _S["nodule"]
