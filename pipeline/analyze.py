@@ -205,6 +205,8 @@ def _print_table(report: _Report, out: TextIO) -> None:
         print(f"series {item['series_instance_uid']}  model {item['model']} {item['model_version']}{verdict}", file=out)
         print(f"  SEG {item['seg_path']}", file=out)
         print(f"  SR  {item['sr_path']}", file=out)
+        for note in item["notes"]:
+            print(f"  note: {note}", file=out)
         if item["findings"]:
             print(f"  {'#':>3}  {'label':<12} {'volume_ml':>10} {'diam_mm':>8} {'score':>6}  centroid_lps_mm", file=out)
             for f in item["findings"]:
