@@ -90,16 +90,22 @@ class _Frame:
 
 def _expand(paths: Iterable[Path]) -> list[Path]:
     """Files given directly, and every file under the folders given (recursive, sorted)."""
-    files: list[Path] = []
+    return [path for path, _ in _expand_marked(paths)]
+
+
+def _expand_marked(paths: Iterable[Path]) -> list[tuple[Path, bool]]:
+    """Like `_expand`, each file marked True when it was found inside a folder (not named itself)."""
+    files: list[tuple[Path, bool]] = []
     seen: set[Path] = set()
     for raw in paths:
         path = Path(raw)
-        found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        in_folder = path.is_dir()
+        found = sorted(p for p in path.rglob("*") if p.is_file()) if in_folder else [path]
         for file in found:
             key = file.resolve()
             if key not in seen:
                 seen.add(key)
-                files.append(file)
+                files.append((file, in_folder))
     return files
 
 
@@ -344,24 +350,37 @@ class _PixelSource:
         return (stored.astype(np.float64) * frame.slope + frame.intercept).astype(np.float32)
 
 
-def _read(files: Sequence[Path]) -> list[Dataset]:
-    """Read the instances (large values deferred). A file that is not DICOM is a rejection; an OS error
-    (vanished file, I/O error) is transient: the spool may be briefly unavailable."""
-    datasets = []
-    for path in files:
+def _read(marked: Sequence[tuple[Path, bool]]) -> tuple[list[Dataset], list[Path]]:
+    """Read the instances (large values deferred).
+
+    A file named directly that is not DICOM is a rejection; inside a folder, files that are not DICOM
+    or carry no Series Instance UID (a DICOMDIR, a README) are skipped with a debug log, as
+    `group_series` does. An OS error (vanished file, I/O error) is transient: the spool may be briefly
+    unavailable.
+    """
+    datasets, files = [], []
+    for path, in_folder in marked:
         try:
-            datasets.append(pydicom.dcmread(path, defer_size=_DEFER_BYTES))
+            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
         except OSError as exc:
             raise TransientPipelineError(
                 f"cannot read a file of the series ({exc.strerror or type(exc).__name__}); retry later"
             ) from exc
         except (InvalidDicomError, EOFError, ValueError) as exc:
+            if in_folder:
+                logger.debug("event=file_ignored reason=not_dicom error=%s", type(exc).__name__)
+                continue
             raise InputRejectedError(
                 "unreadable_file",
                 f"a file of the series cannot be read as DICOM ({type(exc).__name__}); "
                 "remove it or resend the series",
             ) from exc
-    return datasets
+        if in_folder and not ds.get("SeriesInstanceUID"):
+            logger.debug("event=file_ignored reason=no_series_instance_uid")
+            continue
+        datasets.append(ds)
+        files.append(path)
+    return datasets, files
 
 
 def _check_identity(datasets: list[Dataset]) -> tuple[str, str, str, str]:
@@ -482,8 +501,9 @@ def load_series(
     Parameters
     ----------
     paths
-        The series' files (and/or folders, searched recursively). All must carry the same Series
-        Instance UID, Study Instance UID and Frame of Reference UID.
+        The series' files (and/or folders, searched recursively; there, files that are not DICOM are
+        skipped). All must carry the same Series Instance UID, Study Instance UID and Frame of
+        Reference UID.
     spacing_tolerance
         Largest accepted deviation of a gap between neighbouring slices from the series' median gap,
         as a fraction of that median (0.1 = 10 %). A gap near a multiple of the median means missing
@@ -509,10 +529,9 @@ def load_series(
     TransientPipelineError
         A file could not be read for an operating-system reason (vanished, I/O error).
     """
-    files = _expand(paths)
-    if not files:
-        raise InputRejectedError("too_few_slices", "no files were given")
-    datasets = _read(files)
+    datasets, files = _read(_expand_marked(paths))
+    if not datasets:
+        raise InputRejectedError("too_few_slices", "no DICOM files were given")
     study_uid, series_uid, frame_of_reference_uid, modality = _check_identity(datasets)
 
     notes: list[str] = []

@@ -413,8 +413,11 @@ def test_group_series_sorts_files_by_series_and_ignores_other_files(
     assert sorted(groups[uid_two]) == sorted(two)
 
 
-def test_a_folder_loads_like_its_files(tmp_path: Path, stored: np.ndarray) -> None:
+def test_a_folder_loads_like_its_files_skipping_what_is_not_dicom(
+    tmp_path: Path, stored: np.ndarray
+) -> None:
     paths = write_ct_series(tmp_path / "series", stored)
+    (tmp_path / "series" / "README.txt").write_text("not DICOM")
     from_folder = load_series([tmp_path / "series"])
     from_files = load_series(paths)
     np.testing.assert_array_equal(from_folder.volume.array_zyx, from_files.volume.array_zyx)
