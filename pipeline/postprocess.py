@@ -173,8 +173,9 @@ def _hull_points(points_ji: NDArray[np.float64]) -> NDArray[np.float64]:
 
     try:
         hull = ConvexHull(points_ji)
-    except QhullError:  # collinear points: every point may matter, but there are few distinct ends
-        return points_ji[[int(np.argmin(points_ji.sum(1))), int(np.argmax(points_ji.sum(1)))]]
+    except QhullError:  # collinear points: the two ends are the lexicographic first and last
+        order = np.lexsort((points_ji[:, 1], points_ji[:, 0]))
+        return points_ji[[int(order[0]), int(order[-1])]]
     return points_ji[hull.vertices]
 
 

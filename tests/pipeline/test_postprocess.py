@@ -176,3 +176,11 @@ def test_findings_partition_the_finding_label_exactly(nodule: np.ndarray) -> Non
     for finding in result.findings:
         assert int((index_map == finding.index).sum()) == finding.voxel_count
         assert finding.diameter_mm >= 0.5
+
+
+def test_diameter_of_a_long_diagonal_line_uses_its_two_ends() -> None:
+    mask = np.zeros((1, 400, 400), dtype=bool)
+    idx = np.arange(300)
+    mask[0, idx + 50, 350 - idx] = True  # 300 pixels on an anti-diagonal: collinear, beyond the hull cut-off
+    expected = math.hypot(299, 299) + 1.0  # centre to centre, plus one pixel along the line
+    assert longest_axial_diameter_mm(mask, np.eye(4)) == pytest.approx(expected)
