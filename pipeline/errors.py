@@ -31,6 +31,10 @@ class InputRejectedError(PipelineError):
         self.reason = reason
         self.message = message
 
+    def __reduce__(self) -> tuple[type[InputRejectedError], tuple[str, str]]:
+        # Survives pickling (a worker child process reports it to its parent intact).
+        return (type(self), (self.reason, self.message))
+
 
 class TransientPipelineError(PipelineError):
     """A resource problem (disk, memory, device busy); the job is retried later."""
