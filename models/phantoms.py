@@ -753,7 +753,7 @@ def _grow_tree(
         spread = pts - centroid
         axis = np.linalg.eigh(spread.T @ spread)[1][:, -1] if n > 2 else spread[0]
         proj = spread @ axis
-        cut = rng.normal(0, 0.1) * proj.std()  # about the centroid: near-even splits, cheap
+        cut = rng.normal(0, 0.05) * (proj.max() - proj.min())  # about the centroid: near-even, cheap
         lo, hi = pts[proj <= cut], pts[proj > cut]
         if len(lo) == 0 or len(hi) == 0:
             lo, hi = pts[: n // 2], pts[n // 2 :]
@@ -1206,18 +1206,26 @@ def _render_tubes(
     grid_lo = np.array([fine.x[0], fine.y[0], fine.z[0]])
     grid_hi = np.array([fine.x[-1], fine.y[-1], fine.z[-1]])
     keep = np.all((hi >= grid_lo) & (lo <= grid_hi), axis=1) & (ends[:, 6] >= 0.08 * fine.h)
+    # index boxes of all tubes at once (fine plane, row, column), as in `_Fine.box`
+    k0s = np.searchsorted(fine.z, lo[:, 2])
+    k1s = np.searchsorted(fine.z, hi[:, 2], side="right")
+    j0s = np.maximum(0, np.floor((lo[:, 1] - fine.y[0]) / fine.h)).astype(int)
+    j1s = np.minimum(len(fine.y), np.ceil((hi[:, 1] - fine.y[0]) / fine.h) + 1).astype(int)
+    i0s = np.maximum(0, np.floor((lo[:, 0] - fine.x[0]) / fine.h)).astype(int)
+    i1s = np.minimum(len(fine.x), np.ceil((hi[:, 0] - fine.x[0]) / fine.h) + 1).astype(int)
+    keep &= (k1s > k0s) & (j1s > j0s) & (i1s > i0s)
     half = np.float32(fine.h / 2)
-    for n in np.nonzero(keep)[0]:
-        t = tubes[int(n)]
-        a, b = np.array(t.a), np.array(t.b)
-        box = fine.box(lo[n], hi[n])
-        if box is None:
-            continue
-        ks, js, is_ = box
-        pz = (fine.z[ks] - a[2]).astype(np.float32)[:, None, None]
-        py = (fine.y[js] - a[1]).astype(np.float32)[None, :, None]
-        px = (fine.x[is_] - a[0]).astype(np.float32)[None, None, :]
-        ab = (b - a).astype(np.float32)
+    zf, yf, xf = fine.z.astype(np.float32), fine.y, fine.x
+    in_lung_only = {_S["vessel"], _S["airway"]}
+    for n in np.nonzero(keep)[0].tolist():
+        t = tubes[n]
+        a0, a1, a2 = t.a
+        ks, js, is_ = slice(k0s[n], k1s[n]), slice(j0s[n], j1s[n]), slice(i0s[n], i1s[n])
+        box = (ks, js, is_)
+        pz = (zf[ks] - np.float32(a2))[:, None, None]
+        py = (yf[js] - np.float32(a1))[None, :, None]
+        px = (xf[is_] - np.float32(a0))[None, None, :]
+        ab = np.array([t.b[0] - a0, t.b[1] - a1, t.b[2] - a2], dtype=np.float32)
         den = float(ab @ ab) or 1.0
         tt = np.clip((px * ab[0] + py * ab[1] + pz * ab[2]) / den, 0.0, 1.0)
         dx = px - tt * ab[0]
@@ -1229,7 +1237,7 @@ def _render_tubes(
             occ = np.clip((radius - dist) / fine.h + 0.5, 0.0, 1.0)
         else:
             occ = (3.0 / fine.h**2) * radius * radius * np.clip(1.0 - dist / fine.h, 0.0, 1.0)
-        if t.lung_only or not t.central and t.structure in (_S["vessel"], _S["airway"]):
+        if t.lung_only or not t.central and t.structure in in_lung_only:
             occ = occ * lung[box]  # pulmonary vessels and bronchi stay in the lungs
         if not occ.any():
             continue
