@@ -11,7 +11,6 @@ It never writes instance files itself (that is `node.spool`).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 from node import state
 from node.db import connect
-from node.errors import HeaderError, SpoolError
+from node.errors import HeaderError
 from node.header import parse_header
 from node.records import ReceivedFile, StoreOutcome
 from node.spool import Spool
@@ -109,7 +108,6 @@ class Indexer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
         self.indexed = 0
-        self._idle = threading.Event()
 
     def start(self) -> None:
         self._thread.start()
@@ -159,13 +157,3 @@ class Indexer:
                 delay = min(delay * 4, 5.0)
         # The files are in the spool: the next start-up reconciliation indexes them.
         log.error("event=index_gave_up instances=%d action=reconcile_at_next_start", len(batch))
-
-
-def index_file_now(spool: Spool, db: Any, relative_path: str) -> None:
-    """Index one spool file synchronously (tests and the import folder's fallback)."""
-    path = spool.absolute(relative_path)
-    try:
-        header = parse_header(path)
-    except (HeaderError, SpoolError):
-        raise
-    state.record_instances(db, [ReceivedFile(header, relative_path, os.path.getsize(path), time.time(), "")])

@@ -74,7 +74,6 @@ class Spool:
         self.min_free_mb = min_free_mb
         self.on_changed_content = on_changed_content
         self._counter = itertools.count()
-        self._lock = threading.Lock()
 
     # -- layout ------------------------------------------------------------------------------
     @property

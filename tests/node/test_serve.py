@@ -6,8 +6,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
