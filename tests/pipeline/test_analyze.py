@@ -29,7 +29,7 @@ def test_analyze_json_lists_outputs_and_findings_per_series(
     other = write_chest_series(tmp_path / "in" / "b", nodules=[], seed=3)
     (tmp_path / "in" / "notes.txt").write_text("not DICOM")
     code = main(["analyze", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--json",
-                 "--model-dir", str(model_dir), "--device", "cpu"])
+                 "--model-dir", str(model_dir), "--device", "cpu", "--model", "tiny_test_model"])
     captured = capsys.readouterr()
     assert code == EXIT_OK, captured.err
     report = json.loads(captured.out)

@@ -140,3 +140,18 @@ def test_run_job_on_an_enhanced_multiframe_ct_references_its_frames(tmp_path: Pa
     number = hd.sr.srread(job.sr_path).content.get_volumetric_roi_measurement_groups()[0].referenced_segment.referenced_segment_numbers[0]
     assert sorted({k for k, _, _ in zip(*np.nonzero(np.asarray(pixels) == number))}) == list(finding.slice_indices)
     assert dciodvfy_errors(job.seg_path) == [] and dciodvfy_errors(job.sr_path) == []
+
+
+def test_run_job_writes_a_fractional_seg_when_the_manifest_asks(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path / "models" / "tiny", segmentation_type="FRACTIONAL")
+    chest = write_chest_series(tmp_path / "in", nodules=[NODULE])
+    job = run_job(list(chest.paths), tmp_path / "out", registry=ModelRegistry(tmp_path / "models"), device="cpu")
+    seg = hd.seg.segread(job.seg_path)
+    assert seg.SegmentationType == "FRACTIONAL"
+    (finding,) = job.findings
+    source_uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in chest.paths]
+    number = hd.sr.srread(job.sr_path).content.get_volumetric_roi_measurement_groups()[0].referenced_segment.referenced_segment_numbers[0]
+    values = np.asarray(seg.get_pixels_by_source_instance(source_uids, segment_numbers=[number], assert_missing_frames_are_empty=True))
+    assert int((values > 0).sum()) == finding.voxel_count
+    assert 0.5 <= float(values[values > 0].min()) and float(values.max()) <= 1.0
+    assert dciodvfy_errors(job.seg_path) == [] and dciodvfy_errors(job.sr_path) == []
