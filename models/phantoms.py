@@ -589,11 +589,19 @@ class _Anatomy:
 
     def depth(self, u: Any, v: Any, z: Any) -> Any:
         """Approximate depth below the skin in mm (negative outside the body)."""
+        return np.minimum(self.depth_round(u, v, z), self.B - v)
+
+    def depth_round(self, u: Any, v: Any, z: Any) -> Any:
+        """Depth below the elliptical outline before the back is flattened on the table: the rib
+        cage keeps this round shape, so the pleura follows it."""
         A, Be = self.size_at(z)
         r = np.sqrt(u * u + v * v) + np.float32(1e-3)
         rho = np.sqrt((u / A) ** 2 + (v / Be) ** 2) + np.float32(1e-6)
-        d = r / rho - r
-        return np.minimum(d, self.B - v)
+        return r / rho - r
+
+    def in_cavity(self, depth: Any, depth_round: Any, cav_d: Any) -> Any:
+        """Inside the pleural cavity: deep enough under the round outline and under the flat back."""
+        return (depth_round >= cav_d) & (depth >= 0.55 * cav_d)
 
     def cavity_depth(self, u: Any, v: Any) -> Any:
         """Depth of the pleural cavity's wall below the skin (fat and muscle vary around the body)."""
@@ -660,10 +668,11 @@ class _Anatomy:
     def lung(self, x: Any, y: Any, z: Any) -> Any:
         """Analytic lung region at LPS points (boolean array)."""
         u, v = self.body_uv(x, y)
-        return self.lung_uv(u, v, z, self.depth(u, v, z))
+        return self.lung_uv(u, v, z)
 
-    def lung_uv(self, u: Any, v: Any, z: Any, depth: Any) -> Any:
-        inside = depth > self.cavity_depth(u, v)
+    def lung_uv(self, u: Any, v: Any, z: Any) -> Any:
+        d_round = self.depth_round(u, v, z)
+        inside = self.in_cavity(np.minimum(d_round, self.B - v), d_round, self.cavity_depth(u, v))
         inside &= z > self.diaphragm_z(u, v)
         inside &= z < self.z_top
         inside &= ~self.mediastinum(u, v, z)
@@ -710,7 +719,7 @@ def _lung_points(anat: _Anatomy, rng: np.random.Generator, n: int, left: bool) -
         u = rng.uniform(u_lo, u_hi, m)
         v = rng.uniform(-anat.B, anat.B, m)
         z = rng.uniform(anat.zb - anat.p.dome_depth_mm * 1.4 - 30, anat.z_top, m)
-        ok = anat.lung_uv(u, v, z, anat.depth(u, v, z))
+        ok = anat.lung_uv(u, v, z)
         pts = np.stack([u[ok], v[ok], z[ok]], axis=1)
         out.append(pts)
         got += len(pts)
@@ -1071,7 +1080,8 @@ def _render_anatomy(
         h = hu[k0 : k0 + _SLAB_PLANES, j0:j1, i0:i1]
         s_ = struct[k0 : k0 + _SLAB_PLANES, j0:j1, i0:i1]
         lung_slab = lung[k0 : k0 + _SLAB_PLANES, j0:j1, i0:i1]
-        depth = anat.depth(u, v, z)
+        depth_round = anat.depth_round(u, v, z)
+        depth = np.minimum(depth_round, anat.B - v)
         body = depth > 0
         # cushion under the patient's back
         cushion = (~body) & (v > anat.B - 1.0) & (v < anat.B + p.table_gap_mm) & (np.abs(u) < anat.A * 0.8)
@@ -1108,7 +1118,8 @@ def _render_anatomy(
         np.copyto(h, f32(p.cortex_hu * 0.75), where=scap)
         np.copyto(s_, _S["bone"], where=scap)
         # ribs in the wall band: obliques that descend anteriorly, cortex + marrow
-        wall_band = body & ~muscle_in & (depth < cav_d)
+        cav = body & anat.in_cavity(depth, depth_round, cav_d)
+        wall_band = body & ~muscle_in & ~cav
         if wall_band.any():
             kk, jj, ii = np.nonzero(wall_band)
             ub, vb_ = u[0, jj, ii], v[0, jj, ii]
@@ -1118,7 +1129,7 @@ def _render_anatomy(
             phase = (zr - anat.zb) / p.rib_pitch_mm
             dz = (phase - np.round(phase)) * p.rib_pitch_mm
             centre_d = cav_d[0, jj, ii] - p.wall_mm * 0.5
-            dd = depth[kk, jj, ii] - centre_d
+            dd = depth_round[kk, jj, ii] - centre_d
             q = (dz / 6.0) ** 2 + (dd / (0.38 * p.wall_mm)) ** 2
             level = np.round(phase)
             rib_ok = (q < 1.0) & (theta < 2.45) & (level >= -1) & (level <= 10.5 / 1.0)
@@ -1128,7 +1139,6 @@ def _render_anatomy(
             h[kk, jj, ii] = hh
             s_[kk, jj, ii] = np.where(rib_ok | sternum, _S["bone"], _S["muscle"])
         # thoracic cavity
-        cav = body & (depth >= cav_d)
         below = z <= dia_z
         med = anat.mediastinum(u, v, z)
         hq = anat.heart_q(u, v, z)
