@@ -863,6 +863,7 @@ def _place_nodules(
     steps = np.arange(0.75, 36.0, 1.5)
     probe = dirs[:, None, :] * steps[None, :, None]  # (dir, step, 3)
     tubes: list[_Tube] | None = None
+    central = [t for t in _trees(anat) if t.central]
     placed: list[NoduleSpec] = []
     for _ in range(count):
         kind = str(rng.choice(kinds) if kinds else rng.choice(NODULE_KINDS, p=(0.6, 0.2, 0.2)))
@@ -911,6 +912,8 @@ def _place_nodules(
             good = (dist >= 0.45 * radius) & (dist <= 0.85 * radius + 0.5)
         else:
             good = dist >= radius + 1.5
+        # keep clear of the hilar roots, great vessels and central airways (outside the lung label)
+        good &= _clearance(cands, central) > radius + 1.0
         for other in placed:
             gap = np.linalg.norm(cands - np.array(other.center_lps_mm), axis=1)
             good &= gap > radius + other.diameter_mm / 2 + 3.0
@@ -966,6 +969,20 @@ def _place_nodules(
             )
         )
     return tuple(placed)
+
+
+def _clearance(points: NDArray[np.float64], tubes: Sequence[_Tube]) -> NDArray[np.float64]:
+    """Distance (mm) from each point to the surface of the nearest tube (negative inside one)."""
+    if not tubes or len(points) == 0:
+        return np.full(len(points), np.inf)
+    a = np.array([t.a for t in tubes])[None]  # (1, tube, 3)
+    b = np.array([t.b for t in tubes])[None]
+    r = np.array([max(t.r0, t.r1) for t in tubes])[None]
+    ab = b - a
+    ap = points[:, None, :] - a
+    tt = np.clip(np.sum(ap * ab, axis=2) / np.maximum(np.sum(ab * ab, axis=2), 1e-9), 0.0, 1.0)
+    d = np.linalg.norm(ap - tt[..., None] * ab, axis=2) - r
+    return d.min(axis=1)
 
 
 def _distance_probe(
