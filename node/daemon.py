@@ -146,6 +146,12 @@ def serve(settings: Settings) -> int:
     for p in children:
         if p.is_alive() and p.pid:
             os.kill(p.pid, signal.SIGTERM)
+    try:
+        # Stop listening for every process at once: new connections are refused, not left queued
+        # in the backlog while in-flight associations finish.
+        listen_socket.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
     for p in children:
         p.join(r.dimse_timeout_seconds + 5)
         if p.is_alive():

@@ -103,3 +103,26 @@ def test_identical_resend_after_completion_does_not_reopen_the_study(node_factor
     time.sleep(1.0)  # longer than quiet_seconds: a wrong re-open would have completed again by now
     assert node.count("SELECT count(*) FROM jobs") == 1
     assert node.count("SELECT max(generation) FROM studies") == 1
+
+
+def test_completion_timers_survive_a_restart(tmp_path):
+    from config.load import load_settings
+    from tests.node.conftest import start_in_process, write_config
+
+    settings = load_settings(write_config(tmp_path, completion={"quiet_seconds": 1.5, "check_interval_seconds": 0.1}),
+                             env={})
+    first = start_in_process(settings)
+    series = make_series(3)
+    try:
+        assert send(first.port, series) == [0] * 3
+        first.wait_indexed(3)
+    finally:
+        first.stop()  # before quiet_seconds have passed
+    second = start_in_process(settings)
+    try:
+        wait_for(lambda: second.count("SELECT count(*) FROM jobs") == 1, timeout=10, what="completion after restart")
+        row = second.db().execute("SELECT first_received_at, completed_at FROM studies").fetchone()
+        # completed on the stored arrival time, not on the restart time
+        assert row[1] - row[0] < 1.5 + 3.0
+    finally:
+        second.stop()
