@@ -5,7 +5,7 @@ generator's full variation of geometry, anatomy, intensities, noise and nodules.
 same run:
 
 - the CNN: the bundle's plan → sliding-window inference → probabilities back on the source grid →
-  postprocessing (exactly `pipeline.run.segment_volume`, what `edge-node analyze` runs);
+  postprocessing (exactly `pipeline.run.analyze_volume`, what `edge-node analyze` runs);
 - the baseline: `pipeline.preprocess.segment_lungs_classical` for the lungs and
   `models.baseline.detect_nodules_classical` (threshold + region growing + size/shape filter) for the
   nodules.
@@ -67,7 +67,7 @@ def evaluate_case(seed: int, bundle: Path) -> dict[str, CaseScore]:
     from models.phantoms import generate_phantom
     from models.spec import load_spec
     from pipeline.preprocess import segment_lungs_classical
-    from pipeline.run import segment_volume
+    from pipeline.run import analyze_volume
     from pipeline.types import Volume
 
     phantom = generate_phantom(seed, shape_zyx=evaluation_shape(seed))
@@ -79,7 +79,7 @@ def evaluate_case(seed: int, bundle: Path) -> dict[str, CaseScore]:
 
     spec = load_spec(bundle)
     handle = load_model(spec, resolve_device("cpu"))
-    result = segment_volume(volume, spec, handle)
+    result = analyze_volume(volume, spec, handle).result
     label_map = np.asarray(result.label_map.array_zyx)
     cnn_nodule = label_map == 2
     cnn_score = result.study_finding.score if result.study_finding is not None else 0.0

@@ -33,7 +33,7 @@ from pipeline.infer import infer
 from pipeline.load import load_series
 from pipeline.postprocess import postprocess
 from pipeline.preprocess import invert_to_source, run_plan
-from pipeline.types import Finding, SourceSeries, StudyFinding
+from pipeline.types import Finding, SegmentationResult, SourceSeries, StudyFinding, Volume
 from pipeline.uids import plan_result_uids
 
 log = logging.getLogger(__name__)
@@ -190,25 +190,10 @@ def run_job(
     handle = load_model(model, resolve_device(device))
     t_model = time.perf_counter()
 
-    preprocessed, records = run_plan(source.volume, model.preprocess)
-    t_pre = time.perf_counter()
-
-    output = infer(handle, np.asarray(preprocessed.array_zyx, dtype=np.float32)[None], model.inference)
-    t_infer = time.perf_counter()
-
-    study_logit = output.study_logit
-    probabilities = _probabilities_on_source(output.probabilities_czyx, records, model.labels)
-    del output  # the preprocessed-grid probabilities are no longer needed (memory)
-    fractional = str(getattr(model.segmentation.type, "value", model.segmentation.type)).upper() == "FRACTIONAL"
-    result = postprocess(
-        probabilities,
-        source.volume,
-        model.labels,
-        study_logit=study_logit,
-        study_finding=model.study_finding,
-        keep_probabilities=fractional,
-    )
-    del probabilities
+    analysis = analyze_volume(source.volume, model, handle)
+    result = analysis.result
+    t_pre = t_model + analysis.preprocess_seconds
+    t_infer = t_pre + analysis.infer_seconds
     uids = plan_result_uids([frame.sop_instance_uid for frame in source.frames], model.name, model.version)
     result = replace(
         result, findings=tuple(replace(f, tracking_uid=uids.tracking_uid(f.index)) for f in result.findings)
@@ -289,6 +274,43 @@ def run_job(
         device=str(handle.device),
         notes=tuple(source.notes),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeAnalysis:
+    """What `analyze_volume` returns: the result on the source grid and the seconds of each stage."""
+
+    result: SegmentationResult
+    preprocess_seconds: float
+    infer_seconds: float
+    postprocess_seconds: float
+
+
+def analyze_volume(volume: Volume, model: ModelSpec, handle: Any) -> VolumeAnalysis:
+    """Run a model on a volume in HU: plan → sliding-window inference → back to the source grid →
+    postprocessing. The one analysis path, shared by `run_job` and the model evaluation
+    (`models.evaluate`), so what is measured is what the node runs.
+
+    Findings carry no tracking UIDs yet (`run_job` derives them from the source instances).
+    """
+    started = time.perf_counter()
+    preprocessed, records = run_plan(volume, model.preprocess)
+    t_pre = time.perf_counter()
+    output = infer(handle, np.asarray(preprocessed.array_zyx, dtype=np.float32)[None], model.inference)
+    t_infer = time.perf_counter()
+    study_logit = output.study_logit
+    probabilities = _probabilities_on_source(output.probabilities_czyx, records, model.labels)
+    del output, preprocessed  # the preprocessed-grid arrays are no longer needed (memory)
+    fractional = str(getattr(model.segmentation.type, "value", model.segmentation.type)).upper() == "FRACTIONAL"
+    result = postprocess(
+        probabilities,
+        volume,
+        model.labels,
+        study_logit=study_logit,
+        study_finding=model.study_finding,
+        keep_probabilities=fractional,
+    )
+    return VolumeAnalysis(result, t_pre - started, t_infer - t_pre, time.perf_counter() - t_infer)
 
 
 def write_dataset_atomically(dataset: Dataset, path: Path) -> Path:
