@@ -307,3 +307,15 @@ def test_hand_encoded_file_meta_equals_pynetdicoms():
         meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
         expected = b"\0" * 128 + b"DICM" + reference(meta)
         assert encode_file_meta(CT_IMAGE_STORAGE, sop_uid, "1.2.840.10008.1.2.1") == expected
+
+
+def test_unparseable_dataset_returns_c001(node, tmp_path):
+    from pydicom.filewriter import write_file_meta_info
+
+    ds = make_ct(generate_uid(), generate_uid(), 0)
+    path = tmp_path / "garbage.dcm"
+    with open(path, "wb") as fh:
+        fh.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(fh, ds.file_meta, enforce_standard=True)
+        fh.write(b"\x08\x00\x18\x00ZZ\x04\x001.23")  # an element with a VR that does not exist
+    assert send(node.port, [path], raw_files=True) == [0xC001]
