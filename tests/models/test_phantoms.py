@@ -277,3 +277,10 @@ def test_noise_has_the_requested_standard_deviation(fine_phantom: Phantom) -> No
     assert values.size > 1000
     robust_sigma = 1.4826 * np.median(np.abs(values - np.median(values)))
     assert abs(robust_sigma - ph.params.noise_sigma_hu) < 0.25 * ph.params.noise_sigma_hu
+
+
+def test_nodule_label_volume_matches_its_nominal_size(fine_phantom: Phantom) -> None:
+    for n in fine_phantom.nodules:
+        nominal_ml = 4 / 3 * np.pi * (n.diameter_mm / 2) ** 3 / 1000
+        # lobulation, axis ratios and (for juxtapleural ones) the pleura change it, within bounds
+        assert 0.4 <= n.volume_ml / nominal_ml <= 1.8, n
