@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["analyze"]:  # its own parser, built only when used (it imports the pipeline)
+        return _cmd_analyze(argparse.Namespace(command="analyze", args=argv[1:]))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -122,3 +122,24 @@ def test_processes_zero_means_two_per_core_bounded_by_max_associations(tmp_path)
     assert count(8) == 16
     assert count(8, max_associations=6) == 6
     assert count(8, processes=3) == 3
+
+
+def test_analyze_delegates_to_the_pipeline_module(monkeypatch):
+    import sys
+    import types
+
+    calls = {}
+    fake = types.ModuleType("pipeline.analyze")
+    fake.add_arguments = lambda parser: parser.add_argument("paths", nargs="+")
+    fake.run = lambda args: calls.setdefault("paths", args.paths) and 0
+    monkeypatch.setitem(sys.modules, "pipeline.analyze", fake)
+    assert main(["analyze", "a.dcm", "b"]) == 0
+    assert calls["paths"] == ["a.dcm", "b"]
+
+
+def test_analyze_without_the_pipeline_exits_1_with_a_clear_message(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pipeline.analyze", None)  # import raises ImportError
+    assert main(["analyze", "x"]) == 1
+    assert "analysis pipeline is not available" in capsys.readouterr().err
