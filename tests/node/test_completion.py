@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
 from node.completion import decide_completion, plan_series
@@ -126,3 +129,19 @@ def test_completion_timers_survive_a_restart(tmp_path):
         assert row[1] - row[0] < 1.5 + 3.0
     finally:
         second.stop()
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(
+    first=st.floats(0, 1e6), gap=st.floats(0, 1e4), quiet=st.floats(0.1, 1e3), extra=st.floats(0, 1e4),
+    elapsed=st.floats(0, 3e4),
+)
+def test_decide_completion_fires_exactly_when_a_timer_has_run_out(first, gap, quiet, extra, elapsed):
+    policy = CompletionPolicy(quiet_seconds=quiet, max_wait_seconds=quiet + extra)
+    snapshot = snap(first, first + gap)
+    now = first + elapsed
+    decision = decide_completion(snapshot, policy, now)
+    due = min(snapshot.last_received_at + policy.quiet_seconds, first + policy.max_wait_seconds)
+    assert decision.complete == (now >= due)
+    if not decision.complete:
+        assert decision.due_at == due > now
