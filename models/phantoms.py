@@ -1172,6 +1172,23 @@ def _render_anatomy(
         m = cav & ~lung_r
         np.copyto(h, p.fat_hu + 10.0 + texture, where=m)
         np.copyto(s_, _S["mediastinum"], where=m)
+        if np.any(z > anat.z_top - 15.0):
+            # thoracic inlet above the apices: neck muscles, not mediastinal fat
+            tx, ty = anat.trachea
+            rt2 = (u - tx) ** 2 + (v - ty) ** 2
+            inlet = m & (z > anat.z_top - 15.0) & (rt2 > (p.trachea_radius_mm + 3.0) ** 2)
+            np.copyto(h, f32(p.muscle_hu - 5.0) + texture, where=inlet)
+            np.copyto(s_, _S["muscle"], where=inlet)
+            # thyroid lobes on either side of the trachea (iodine-rich: brighter than muscle)
+            thyroid = inlet & (rt2 < (p.trachea_radius_mm + 16.0) ** 2) & (v < ty + 4.0) & (z > anat.z_top - 5.0)
+            np.copyto(h, f32(95.0 if not p.contrast else 150.0) + texture, where=thyroid)
+            # clavicles: from the top of the sternum outwards, rising slightly, in front of the apices
+            au = np.abs(u - anat.mc)
+            z_cl = anat.z_top - 8.0 + 0.12 * au
+            clav = body & (cv < -0.2) & (au > 18.0) & (au < 0.75 * anat.A) & (np.abs(z - z_cl) < 7.0)
+            clav &= (depth > fat_out + 1.0) & (depth < fat_out + 13.0)
+            np.copyto(h, f32(p.cortex_hu * 0.7), where=clav)
+            np.copyto(s_, _S["bone"], where=clav)
         ab = cav & below & (hq > 1.0)
         liver = ab & (u < anat.mc + 25)
         np.copyto(h, f32(p.liver_hu), where=liver)
