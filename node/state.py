@@ -19,6 +19,7 @@ from node.completion import SeriesPlan, plan_series
 from node.errors import StateTransitionError
 from node.records import (
     STUDY_TRANSITIONS,
+    JobRecord,
     JobState,
     ReceivedFile,
     SeriesSummary,
@@ -345,3 +346,72 @@ def get_status(db: sqlite_utils.Database, recent: int = 10) -> StatusReport:
         jobs=jobs,
         recent=studies,
     )
+
+
+# -- jobs, for the analysis worker ---------------------------------------------------------------
+_JOB_COLUMNS = ("job_id, study_instance_uid, series_instance_uid, generation, state, attempts, created_at, "
+                "updated_at, reason")
+
+
+def _job(row: Sequence[Any]) -> JobRecord:
+    return JobRecord(int(row[0]), row[1], row[2], int(row[3]), JobState(row[4]), int(row[5]), float(row[6]),
+                     float(row[7]), row[8] or "")
+
+
+def claim_next_job(db: sqlite_utils.Database) -> JobRecord | None:
+    """Atomically take the oldest PENDING job (PENDING → RUNNING, attempts + 1); ``None`` when there is none.
+
+    Safe with several workers: the claim is a conditional UPDATE inside ``BEGIN IMMEDIATE``.
+    """
+    now = time.time()
+    with transaction(db):
+        row = db.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ? ORDER BY created_at, job_id LIMIT 1",
+            [JobState.PENDING.value],
+        ).fetchone()
+        if row is None:
+            return None
+        cur = db.execute(
+            "UPDATE jobs SET state = ?, attempts = attempts + 1, updated_at = ? WHERE job_id = ? AND state = ?",
+            [JobState.RUNNING.value, now, row[0], JobState.PENDING.value],
+        )
+        if cur.rowcount != 1:
+            raise StateTransitionError(f"job {row[0]} was claimed concurrently")
+        row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", [row[0]]).fetchone()
+    return _job(row)
+
+
+def mark_job_retry(db: sqlite_utils.Database, job_id: int, reason: str, next_attempt_at: float) -> None:
+    """RUNNING → RETRY_WAIT (transient failure), due again at ``next_attempt_at`` (epoch s)."""
+    transition_job(db, job_id, JobState.RUNNING, JobState.RETRY_WAIT, reason)
+    with transaction(db):
+        db.execute("UPDATE jobs SET next_attempt_at = ? WHERE job_id = ?", [next_attempt_at, job_id])
+
+
+def release_due_retries(db: sqlite_utils.Database, now: float | None = None) -> int:
+    """RETRY_WAIT → PENDING for every job whose ``next_attempt_at`` has come; return how many."""
+    now = time.time() if now is None else now
+    with transaction(db):
+        return int(db.execute(
+            "UPDATE jobs SET state = ?, updated_at = ? WHERE state = ? AND next_attempt_at <= ?",
+            [JobState.PENDING.value, now, JobState.RETRY_WAIT.value, now],
+        ).rowcount)
+
+
+def requeue_running_jobs(db: sqlite_utils.Database) -> int:
+    """RUNNING → PENDING for jobs of a worker that died (call at worker start); return how many."""
+    with transaction(db):
+        return int(db.execute(
+            "UPDATE jobs SET state = ?, reason = 'worker restarted', updated_at = ? WHERE state = ?",
+            [JobState.PENDING.value, time.time(), JobState.RUNNING.value],
+        ).rowcount)
+
+
+def list_job_instance_paths(db: sqlite_utils.Database, job: JobRecord) -> list[str]:
+    """Spool paths (relative to ``data_dir``) of the job's series, files present, by instance number."""
+    rows = db.execute(
+        """SELECT path FROM instances WHERE series_instance_uid = ? AND generation <= ? AND file_missing = 0
+           ORDER BY instance_number, sop_instance_uid""",
+        [job.series_instance_uid, job.generation],
+    ).fetchall()
+    return [r[0] for r in rows]
