@@ -160,7 +160,8 @@ class PhantomParams:
     Look-alikes that are not nodules
         fissures (80 %), emphysematous bullae (20 %), a dependent subpleural density band (30 %),
         gastric air (75 %), breasts (85 % of women), airways with walls, vessel branch points;
-        a circular reconstruction field of view (−1024 HU corners) in 40 % of studies.
+        a circular reconstruction field of view (−1024 HU corners) in 40 % of studies, arms down
+        along the body (often cut by the field of view) in 12 %.
     Nodules
         0–``max_nodules`` (a quarter of the studies have none), 3–30 mm log-uniform, kinds solid
         60 %, part-solid 20 %, ground-glass 20 % (at least 5 mm), attachment none 60 %, pleura 25 %,
@@ -227,6 +228,7 @@ class PhantomParams:
     breast_mm: float = 0.0  # breast semi-axis (women), 0 for none
     hu_offset: float = 0.0  # scanner calibration offset added to every voxel (HU)
     circular_fov: bool = False  # outside the reconstruction circle the image is −1024 HU
+    arms_down: bool = False  # arms along the body (trauma, frail patients) instead of raised
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -517,6 +519,7 @@ def sample_phantom_params(
         breast_mm=float(x_rng.uniform(35, 75)) if sex == "F" and x_rng.random() < 0.85 else 0.0,
         hu_offset=float(x_rng.uniform(-6, 6)),
         circular_fov=bool(x_rng.random() < 0.4),
+        arms_down=bool(x_rng.random() < 0.12),
     )
     if params.noise_sigma_hu < 0 or params.blur_sigma_mm < 0:
         raise PhantomError("noise_sigma_hu and blur_sigma_mm must be >= 0")
@@ -1079,8 +1082,9 @@ def _render_anatomy(
     front = anat.Be * 1.05 + 0.5 * p.breast_mm
     j0 = max(0, int((anat.cy - front - slack - fine.y[0]) / fine.h))
     j1 = min(ny, int((anat.cy + anat.B + p.table_gap_mm + slack - fine.y[0]) / fine.h) + 2)
-    i0 = max(0, int((anat.cx - anat.A * 1.05 - slack - fine.x[0]) / fine.h))
-    i1 = min(nx, int((anat.cx + anat.A * 1.05 + slack - fine.x[0]) / fine.h) + 2)
+    half_width = anat.A * 1.05 + (_ARM_GAP_MM + 2 * _ARM_RADIUS_MM if p.arms_down else 0.0)
+    i0 = max(0, int((anat.cx - half_width - slack - fine.x[0]) / fine.h))
+    i1 = min(nx, int((anat.cx + half_width + slack - fine.x[0]) / fine.h) + 2)
     x = fine.x[None, None, i0:i1]
     y = fine.y[j0:j1, None][None]
     u, v = anat.body_uv(x, y)
@@ -1095,6 +1099,7 @@ def _render_anatomy(
     cav_d = anat.cavity_depth(u, v)
     dia_z = anat.diaphragm_z(u, v)
     tex_uv = 6.0 * np.sin(u * 0.21 + wtex[0]) * np.sin(v * 0.17 + wtex[1])
+    arms = _arms(anat, u, v) if p.arms_down else None
     for k0 in range(0, fine.shape[0], _SLAB_PLANES):
         z = fine.z[k0 : k0 + _SLAB_PLANES].astype(np.float32)[:, None, None]
         hu[k0 : k0 + _SLAB_PLANES] = back_hu
@@ -1107,6 +1112,10 @@ def _render_anatomy(
         depth_round = anat.depth_round(u, v, z)
         depth = np.minimum(depth_round, anat.B - v)
         body = depth > 0
+        if arms is not None:
+            for value, structure, mask in arms:
+                np.copyto(h, f32(value), where=mask & ~body)
+                np.copyto(s_, structure, where=mask & ~body)
         # cushion under the patient's back
         cushion = (~body) & (v > anat.B - 1.0) & (v < anat.B + p.table_gap_mm) & (np.abs(u) < anat.A * 0.8)
         np.copyto(h, f32(-750.0), where=cushion)
@@ -1239,6 +1248,30 @@ def _render_anatomy(
         np.copyto(h, f32(p.cortex_hu * 0.7), where=post)
         np.copyto(s_, _S["bone"], where=post)
         np.copyto(h, f32(15.0), where=(rc2 < 9.0**2) & body)
+
+
+_ARM_RADIUS_MM = 45.0
+_ARM_GAP_MM = 12.0
+
+
+def _arms(anat: _Anatomy, u: Any, v: Any) -> list[tuple[float, int, Any]]:
+    """Arms lying along the body: skin, fat, muscle and the humerus (cortex, marrow), as 2-D masks
+    painted in order (each later one over the earlier ones)."""
+    p = anat.p
+    layers: list[tuple[float, int, Any]] = []
+    for side in (-1.0, 1.0):
+        cu = anat.mc + side * (anat.A + _ARM_GAP_MM + _ARM_RADIUS_MM * 0.9)
+        q = np.sqrt(((u - cu) / (_ARM_RADIUS_MM * 0.9)) ** 2 + ((v - 0.1 * anat.B) / _ARM_RADIUS_MM) ** 2)
+        depth = (1.0 - q) * _ARM_RADIUS_MM * 0.95
+        rb = np.sqrt((u - cu - side * 4.0) ** 2 + (v - 0.1 * anat.B) ** 2)
+        layers += [
+            (p.skin_hu, _S["skin"], depth > 0),
+            (p.fat_hu, _S["fat"], depth > p.skin_mm),
+            (p.muscle_hu, _S["muscle"], depth > p.skin_mm + 0.5 * p.fat_mm + 3.0),
+            (p.cortex_hu, _S["bone"], rb < 12.0),
+            (p.bone_hu * 0.4, _S["bone"], rb < 8.0),
+        ]
+    return layers
 
 
 def _render_tubes(
