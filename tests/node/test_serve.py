@@ -166,3 +166,24 @@ def test_receiver_never_imports_torch():
     code = ("import sys, node.cli, node.daemon, node.scp, node.indexer, node.scheduler, node.state;"
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
+
+
+def test_max_associations_holds_across_receiver_processes(tmp_path, serve_factory):
+    from pynetdicom import AE
+
+    from tests.node.conftest import associate_result
+
+    config = write_config(tmp_path, receiver={"max_associations": 2, "processes": 3})
+    proc = serve_factory(config)
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = [ae.associate("127.0.0.1", proc.port, ae_title="EDGE_NODE") for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        for _ in range(3):  # whichever process accepts, the shared limit answers
+            assert associate_result(proc.port) == (False, (0x02, 0x03, 0x02))
+    finally:
+        for a in held:
+            a.release()
+    wait_for(lambda: associate_result(proc.port)[0], what="a free slot after release")
+    assert proc.terminate() == 0
