@@ -80,6 +80,7 @@ def write_phantom_series(
     study_description: str = "CT CHEST",
     specific_character_set: str | None = None,
     position_offset_lps_mm: Sequence[float] = (0.0, 0.0, 0.0),
+    image_orientation_patient: Sequence[float] = AXIAL_IOP,
     pixel_representation: int = 1,
     accession_number: str = "",
     file_prefix: str = "IM",
@@ -109,6 +110,11 @@ def write_phantom_series(
     position_offset_lps_mm
         Added to every Image Position (Patient): the series lies shifted in patient space (the
         phantom's truth in LPS shifts by the same vector).
+    image_orientation_patient
+        Image Orientation (Patient): row and column direction cosines (default axial). Another
+        orientation rotates the whole grid about voxel (0, 0, 0) — slice ``k`` lies at origin +
+        k × spacing × (row × column) — for loader tests of oblique series; the phantom's truth in
+        LPS then no longer applies (its voxel indices still do).
     pixel_representation
         1: signed 16-bit (Bits Stored 16); 0: unsigned with Bits Stored 12. Both store HU + 1024 with
         Rescale Intercept −1024 and Rescale Slope 1.
@@ -132,6 +138,12 @@ def write_phantom_series(
     if tsuid not in _UNCOMPRESSED:
         _check_encoder(tsuid)
     params = phantom.params
+    iop = np.asarray([float(v) for v in image_orientation_patient])
+    if iop.shape != (6,) or not np.allclose(np.linalg.norm(iop.reshape(2, 3), axis=1), 1.0, atol=1e-4) or abs(
+        float(iop[:3] @ iop[3:])
+    ) > 1e-4:
+        raise PhantomError("image_orientation_patient must be two orthogonal unit vectors (six values)")
+    normal = np.cross(iop[:3], iop[3:])
     offset = tuple(float(v) for v in position_offset_lps_mm)
     if len(offset) != 3:
         raise PhantomError("position_offset_lps_mm must hold three values (x, y, z) in mm")
@@ -140,8 +152,8 @@ def write_phantom_series(
 
     key = f"edge-node-phantom:{params.digest()}"
     study_uid = study_instance_uid or phantom_uid(key, "study", patient_id, patient_name)
-    series_uid = series_instance_uid or phantom_uid(key, "series", study_uid, series_number, offset)
-    for_uid = phantom_uid(key, "frame-of-reference", study_uid, offset)
+    series_uid = series_instance_uid or phantom_uid(key, "series", study_uid, series_number, offset, tuple(iop))
+    for_uid = phantom_uid(key, "frame-of-reference", study_uid, offset, tuple(iop))
     seed = int(phantom.seed)
     day = dt.date(2024, 1, 1) + dt.timedelta(days=seed % 730)
     date = day.strftime("%Y%m%d")
@@ -221,7 +233,7 @@ def write_phantom_series(
     ds.StudyID = "1"
     ds.SeriesNumber = int(series_number)
     ds.AcquisitionNumber = 1
-    ds.ImageOrientationPatient = [_ds_number(v) for v in AXIAL_IOP]
+    ds.ImageOrientationPatient = [_ds_number(v) for v in iop]
     ds.FrameOfReferenceUID = for_uid
     ds.PositionReferenceIndicator = ""
     # Image Pixel
@@ -250,13 +262,13 @@ def write_phantom_series(
     paths: list[Path] = []
     for k in range(nz):
         instance = nz - k
-        ipp = (float(origin[0]), float(origin[1]), float(origin[2] + k * dz))
+        ipp = tuple(float(c) for c in origin + k * dz * normal)
         sop_uid = phantom_uid(series_uid, "instance", k)
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
         ds.SOPInstanceUID = sop_uid
         ds.InstanceNumber = instance
         ds.ImagePositionPatient = [_ds_number(v) for v in ipp]
-        ds.SliceLocation = _ds_number(ipp[2])
+        ds.SliceLocation = _ds_number(float(np.dot(origin + k * dz * normal, normal)))
         plane = np.ascontiguousarray(stored[k])
         if tsuid in _UNCOMPRESSED:
             ds.PixelData = plane.astype("<i2" if pixel_representation == 1 else "<u2", copy=False).tobytes()

@@ -284,3 +284,17 @@ def test_nodule_label_volume_matches_its_nominal_size(fine_phantom: Phantom) -> 
         nominal_ml = 4 / 3 * np.pi * (n.diameter_mm / 2) ** 3 / 1000
         # lobulation, axis ratios and (for juxtapleural ones) the pleura change it, within bounds
         assert 0.4 <= n.volume_ml / nominal_ml <= 1.8, n
+
+
+def test_an_oblique_orientation_moves_the_slices_along_its_normal(tmp_path: Path, tiny: Phantom) -> None:
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    iop = (1.0, 0.0, 0.0, 0.0, c, s)
+    paths = write_phantom_series(tiny, tmp_path, image_orientation_patient=iop)
+    datasets = _read_series(paths)
+    normal = np.cross(iop[:3], iop[3:])
+    positions = np.array([[float(v) for v in d.ImagePositionPatient] for d in datasets])
+    steps = np.diff(positions, axis=0)
+    assert np.allclose(steps, tiny.spacing_mm[0] * normal, atol=1e-4)
+    assert np.allclose([float(v) for v in datasets[0].ImageOrientationPatient], iop, atol=1e-6)
+    with pytest.raises(PhantomError, match="orthogonal"):
+        write_phantom_series(tiny, tmp_path / "bad", image_orientation_patient=(1, 0, 0, 1, 0, 0))
