@@ -93,6 +93,8 @@ MAX_HU = 3071
 
 #: Above this many fine voxels a volume is built in slabs (bounded memory).
 _SLAB_PLANES = 8
+#: Slices per noise/kernel slab (bounds the memory of the noise buffer).
+_NOISE_SLAB = 16
 #: Spacing (at most) of the planes the anatomy is sampled on before slices average them, in mm.
 _SUBSLICE_MM = 1.6
 
@@ -1427,66 +1429,35 @@ def render_phantom(params: PhantomParams) -> Phantom:
     _render_nodules(p.nodules, fine, hu, lung, ids, struct)
 
     nz, ny, nx = p.shape_zyx
-    s0 = int(fine.start[0])
-    contiguous = fine.width == 1 and np.array_equal(fine.start, s0 + np.arange(nz))
-    scratch: NDArray[np.float32] | None = None
-    if contiguous:  # one plane per slice: the slices are a view of the planes
-        hu_s = hu[s0 : s0 + nz]
-    else:
-        hu_s = np.zeros((nz, ny, nx), dtype=np.float32)
-    lung_f = np.zeros((ny, nx), dtype=np.float32)
-    nod_f = np.zeros((ny, nx), dtype=np.float32)
-    lung_s = np.zeros((nz, ny, nx), dtype=bool)
-    nod_frac = np.zeros((nz, ny, nx), dtype=bool)
-    ids_s = np.zeros((nz, ny, nx), dtype=np.uint8)
-    struct_s = np.zeros((nz, ny, nx), dtype=np.uint8)
-    has_nodule = ids.reshape(ids.shape[0], -1).max(axis=1) > 0 if p.nodules else np.zeros(ids.shape[0], bool)
-    for k in range(nz) if fine.width > 1 else ():
-        lung_f[...] = 0.0
-        nod_f[...] = 0.0
-        best = -1.0
-        for w_i in range(fine.width):
-            w = float(fine.weights[k, w_i])
-            if w <= 0.0:
-                continue
-            q = int(fine.start[k] + w_i)
-            hu_s[k] += w * hu[q]
-            lung_f += w * lung[q]
-            if has_nodule[q]:
-                nod_f += w * (ids[q] > 0)
-                np.maximum(ids_s[k], ids[q], out=ids_s[k])
-            if w > best:  # anatomy names from the plane that weighs most
-                best = w
-                struct_s[k] = struct[q]
-        lung_s[k] = lung_f >= 0.5
-        nod_frac[k] = nod_f >= 0.5
-    if contiguous:
-        lung_s = lung[s0 : s0 + nz]
-        ids_s = ids[s0 : s0 + nz]
-        nod_frac = ids_s > 0
-        struct_s = struct[s0 : s0 + nz]
-    elif fine.width == 1:
-        hu_s[...] = hu[fine.start]
-        lung_s[...] = lung[fine.start]
-        ids_s[...] = ids[fine.start]
-        nod_frac[...] = ids_s > 0
-        struct_s[...] = struct[fine.start]
-    if not contiguous:
-        scratch = hu[:nz]  # the planes are no longer needed: their memory takes the noise
-    del hu, lung, ids, struct
-    nod = nod_frac & lung_s
+    _average_slices(fine, hu, lung, ids, struct, bool(p.nodules))
+    # slice k now sits in plane k of every array (in place, so the peak memory stays the planes')
+    hu_s, lung_s, ids_s = hu[:nz], lung[:nz], ids[:nz]
+    nod = (ids_s > 0) & lung_s
     labels = np.add(lung_s, nod, dtype=np.uint8)  # 0 background, 1 lung, 2 nodule (nodule ⊂ lung)
     nodule_ids = ids_s * nod if p.nodules else np.zeros_like(labels)
+    del nod, lung, ids, lung_s, ids_s
+    struct_s = struct[:nz].copy() if struct.shape[0] != nz else struct
+    del struct
 
-    image = _add_blur_and_noise(hu_s, p, scratch)
+    hu_i16 = np.empty((nz, ny, nx), dtype=np.int16)
+    outside = None
     if p.circular_fov:
         # many scanners reconstruct only the inscribed circle and fill the corners with −1024
         jj = (np.arange(ny) - (ny - 1) / 2) / (ny / 2)
         ii = (np.arange(nx) - (nx - 1) / 2) / (nx / 2)
-        image[:, jj[:, None] ** 2 + ii[None, :] ** 2 > 1.0] = MIN_HU
-    np.clip(image, MIN_HU, MAX_HU, out=image)
-    np.rint(image, out=image)
-    hu_i16 = image.astype(np.int16)
+        outside = jj[:, None] ** 2 + ii[None, :] ** 2 > 1.0
+    noise_rng = _rng(p.seed, "noise")
+    gain = _noise_gain(p)
+    work = np.empty((min(_NOISE_SLAB, nz), ny, nx), dtype=np.float32)
+    for k0 in range(0, nz, _NOISE_SLAB):
+        slab = hu_s[k0 : k0 + _NOISE_SLAB]
+        _add_blur_and_noise(slab, p, work[: slab.shape[0]], noise_rng, gain)
+        if outside is not None:
+            slab[:, outside] = MIN_HU
+        np.clip(slab, MIN_HU, MAX_HU, out=slab)
+        np.rint(slab, out=slab)
+        hu_i16[k0 : k0 + _NOISE_SLAB] = slab
+    del hu, hu_s, work
 
     affine = p.affine_lps
     inv_aff = np.linalg.inv(affine)
@@ -1557,21 +1528,71 @@ def _noise_gain(p: PhantomParams) -> float:
 
 
 def _add_blur_and_noise(
-    hu: NDArray[np.float32], p: PhantomParams, scratch: NDArray[np.float32] | None = None
+    hu: NDArray[np.float32],
+    p: PhantomParams,
+    work: NDArray[np.float32],
+    rng: np.random.Generator,
+    gain: float,
 ) -> NDArray[np.float32]:
-    """White noise added to the partial-volume image, then the reconstruction kernel over both: the
-    noise becomes correlated (as in filtered back-projection) with the requested final std.
-    ``scratch`` (same shape as ``hu``, contents discarded) saves allocating a buffer."""
-    rng = _rng(p.seed, "noise")
+    """White noise added to (a slab of) the partial-volume image, then the reconstruction kernel over
+    both, in place: the noise becomes correlated (as in filtered back-projection) with the requested
+    final std (``gain`` = `_noise_gain`). Everything is in plane, so slabs give the same image as the
+    whole volume would. ``work`` is a buffer of ``hu``'s shape (contents discarded)."""
     if p.hu_offset:
         hu += np.float32(p.hu_offset)
-    if scratch is None or scratch.shape != hu.shape:
-        scratch = np.empty_like(hu) if p.noise_sigma_hu > 0 or p.sharpen > 0 else None
-    if p.noise_sigma_hu > 0 and scratch is not None:
-        rng.standard_normal(out=scratch, dtype=np.float32)
-        scratch *= np.float32(p.noise_sigma_hu / _noise_gain(p))
-        hu += scratch
-    return _kernel_filter(hu, p, scratch)
+    if p.noise_sigma_hu > 0:
+        rng.standard_normal(out=work, dtype=np.float32)
+        work *= np.float32(p.noise_sigma_hu / gain)
+        hu += work
+    return _kernel_filter(hu, p, work)
+
+
+def _average_slices(
+    fine: _Fine,
+    hu: NDArray[np.float32],
+    lung: NDArray[np.bool_],
+    ids: NDArray[np.uint8],
+    struct: NDArray[np.uint8],
+    any_nodule: bool,
+) -> None:
+    """Average each slice's planes (weights of `_Fine`) into plane ``k`` of the same arrays, in place.
+
+    HU is the weighted mean; lung and nodule labels need at least half the weight (the majority);
+    the anatomy name comes from the heaviest plane. Slice k reads planes ≥ start[k] ≥ k only, and no
+    later slice reads plane k, so writing plane k in place is safe.
+    """
+    nz = len(fine.start)
+    if np.any(fine.start < np.arange(nz)) or np.any(np.diff(fine.start) < 1):
+        raise PhantomError("internal: slice planes overlap unexpectedly; report the parameters")
+    ny, nx = hu.shape[1:]
+    has_nodule = ids.reshape(ids.shape[0], -1).max(axis=1) > 0 if any_nodule else np.zeros(ids.shape[0], bool)
+    acc = np.empty((ny, nx), dtype=np.float32)
+    lung_f = np.empty((ny, nx), dtype=np.float32)
+    nod_f = np.empty((ny, nx), dtype=np.float32)
+    id_max = np.empty((ny, nx), dtype=np.uint8)
+    for k in range(nz):
+        weights = fine.weights[k]
+        planes = [(float(w), int(fine.start[k]) + i) for i, w in enumerate(weights) if w > 0.0]
+        if len(planes) == 1:
+            q = planes[0][1]
+            if q != k:
+                hu[k], lung[k], ids[k], struct[k] = hu[q], lung[q], ids[q], struct[q]
+            continue
+        acc[...] = 0.0
+        lung_f[...] = 0.0
+        nod_f[...] = 0.0
+        id_max[...] = 0
+        for w, q in planes:
+            acc += np.float32(w) * hu[q]
+            lung_f += np.float32(w) * lung[q]
+            if has_nodule[q]:
+                nod_f += np.float32(w) * (ids[q] > 0)
+                np.maximum(id_max, ids[q], out=id_max)
+        heaviest = max(planes)[1]
+        hu[k] = acc
+        struct[k] = struct[heaviest]
+        lung[k] = lung_f >= 0.5
+        ids[k] = np.where(nod_f >= 0.5, id_max, 0)
 
 
 # --------------------------------------------------------------------------------------- public API
