@@ -13,6 +13,10 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -80,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return handlers[args.command](args)
 
 
-def _load(path: Path, *, check_dirs: bool = True):  # type: ignore[no-untyped-def]
+def _load(path: Path, *, check_dirs: bool = True) -> Settings | None:
+    """Load and validate a config file; print the error naming the key and return ``None`` on failure."""
     from config.load import ConfigError, load_settings
 
     try:
