@@ -671,16 +671,17 @@ class _Anatomy:
         return region
 
     def apex_ok(self, u: Any, v: Any, z: Any) -> Any:
-        """The lung apices: above 72 % of the height each lung narrows to a dome."""
-        s0 = 0.72
+        """The lung apices: above 60 % of the height each lung narrows smoothly to a dome (an
+        ellipse around the apex that starts wider than the lung and shrinks to a point at the top)."""
+        s0 = 0.6
         if np.all(z <= self.zb + s0 * self.H):
             return np.True_
         top = np.where(u < self.mc, self.z_top, self.z_top - 6.0).astype(np.float32)
         t = np.clip((z - (self.zb + s0 * self.H)) / (top - (self.zb + s0 * self.H)), 0.0, 1.0)
-        shrink = np.sqrt(np.maximum(1.0 - t * t, 0.0))
+        shrink2 = np.maximum(1.0 - t * t, 0.0) * 1.7**2
         side_c = np.where(u < self.mc, self.mc - 0.45 * self.A, self.mc + 0.45 * self.A).astype(np.float32)
         q = ((u - side_c) / (0.34 * self.A)) ** 2 + ((v - 0.1 * self.B) / (0.55 * self.B)) ** 2
-        return (q < shrink**2) | (t <= 0.0)
+        return (q < shrink2) | (t <= 0.0)
 
     def lung(self, x: Any, y: Any, z: Any) -> Any:
         """Analytic lung region at LPS points (boolean array)."""
