@@ -374,7 +374,8 @@ def sample_phantom_params(
     noise_sigma_hu, blur_sigma_mm, contrast
         Fix the image noise (HU), the in-plane Gaussian blur (mm) or the contrast phase.
     max_slices
-        Cap on the slice count of an automatically sized grid.
+        Cap on the slice count of an automatically sized grid (thin slices then cover only the
+        middle of the lungs, like a limited scan range).
 
     Raises
     ------
@@ -1173,7 +1174,7 @@ def _render_anatomy(
             dd = depth_round[kk, jj, ii] - centre_d
             q = (dz / 6.0) ** 2 + (dd / (0.38 * p.wall_mm)) ** 2
             level = np.round(phase)
-            rib_ok = (q < 1.0) & (theta < 2.45) & (level >= -1) & (level <= 10.5 / 1.0)
+            rib_ok = (q < 1.0) & (theta < 2.45) & (level >= -1) & (level <= 10)
             sternum = (theta > 2.9) & (np.abs(ub - anat.mc) < 16) & (np.abs(dd) < 0.4 * p.wall_mm) & (zb_ > anat.zb - 40) & (zb_ < anat.z_top - 25)
             bone_hu = np.where(q > 0.55, p.cortex_hu, p.bone_hu + 60.0)
             hh = np.where(rib_ok, bone_hu, np.where(sternum, p.bone_hu + 120.0, p.muscle_hu - 5.0))
