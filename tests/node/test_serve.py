@@ -30,25 +30,82 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
                           timeout=timeout)
 
 
-def test_kill9_mid_study_then_restart_and_resend_loses_nothing(tmp_path, serve_factory):
+def _send_until_broken(port: int, datasets, acknowledged: list[str]) -> None:
+    """C-STORE one by one over one association, recording each acknowledged SOP Instance UID."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="TEST_SCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE_NODE")
+    try:
+        for ds in datasets:
+            if not assoc.is_established:
+                return
+            rsp = assoc.send_c_store(ds)
+            if "Status" in rsp and rsp.Status == 0x0000:
+                acknowledged.append(ds.SOPInstanceUID)
+            else:
+                return
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+
+
+def test_kill9_mid_association_then_restart_and_resend_loses_nothing(tmp_path, serve_factory):
+    import threading
+
+    from node.db import connect
+
     config = write_config(tmp_path, completion={"quiet_seconds": 4.0, "check_interval_seconds": 0.2})
     study, series_uid = generate_uid(), generate_uid()
-    slices = [make_ct(study, series_uid, i) for i in range(12)]
+    slices = [make_ct(study, series_uid, i, size=256) for i in range(40)]
     first = serve_factory(config)
-    assert send(first.port, slices[:7]) == [0] * 7  # acknowledged: must survive the crash
-    first.kill9()
-    # a receive interrupted by the crash leaves a temp file behind
-    (tmp_path / "data" / "spool" / "tmp" / "999-1-1.part").write_bytes(b"partial")
+    acknowledged: list[str] = []
+    sender = threading.Thread(target=_send_until_broken, args=(first.port, slices, acknowledged))
+    sender.start()
+    wait_for(lambda: len(acknowledged) >= 5, what="a few acknowledged instances")
+    first.kill9()  # in the middle of the association; the receiver processes die with it
+    sender.join(30)
+    assert 5 <= len(acknowledged) < len(slices)
     second = serve_factory(config)
-    assert send(second.port, slices[4:]) == [0] * 8  # the sender resends from where it was unsure
+    assert send(second.port, slices) == [0] * len(slices)  # the sender resends the whole study
     wait_for(lambda: status_json(config)["jobs"]["PENDING"] == 1, timeout=30, what="the study to complete")
     status = status_json(config)
-    assert (status["studies"], status["series"], status["instances"]) == (1, 1, 12)
+    assert (status["studies"], status["series"], status["instances"]) == (1, 1, len(slices))
     [recent] = status["recent_studies"]
-    assert (recent["state"], recent["generation"], recent["instances"]) == ("DISPATCHED", 1, 12)
+    assert (recent["state"], recent["generation"], recent["instances"]) == ("DISPATCHED", 1, len(slices))
     assert list((tmp_path / "data" / "spool" / "tmp").iterdir()) == []
     assert second.terminate() == 0
     assert second.stderr().count("event=study_completed") == 1
+    db = connect(tmp_path / "data" / "index.sqlite3")
+    rows = db.execute("SELECT sop_instance_uid, count(*) FROM instances GROUP BY sop_instance_uid").fetchall()
+    db.conn.close()
+    counts = dict(rows)
+    assert all(counts.get(uid) == 1 for uid in acknowledged)
+
+
+def test_acknowledged_instances_survive_kill9_without_any_resend(tmp_path, serve_factory):
+    import threading
+
+    config = write_config(tmp_path, completion={"quiet_seconds": 1.0, "check_interval_seconds": 0.2})
+    slices = make_series(30, size=256)
+    first = serve_factory(config)
+    acknowledged: list[str] = []
+    sender = threading.Thread(target=_send_until_broken, args=(first.port, slices, acknowledged))
+    sender.start()
+    wait_for(lambda: len(acknowledged) >= 3, what="a few acknowledged instances")
+    first.kill9()
+    sender.join(30)
+    second = serve_factory(config)  # start-up reconciliation indexes whatever the crash left unindexed
+    wait_for(lambda: status_json(config)["jobs"]["PENDING"] == 1, timeout=30, what="the study to complete")
+    assert second.terminate() == 0
+    from node.db import connect
+
+    db = connect(tmp_path / "data" / "index.sqlite3")
+    indexed = {r[0] for r in db.execute("SELECT sop_instance_uid FROM instances").fetchall()}
+    db.conn.close()
+    assert set(acknowledged) <= indexed
 
 
 def test_sigterm_lets_the_in_flight_association_finish_and_exits_0(tmp_path, serve_factory):
