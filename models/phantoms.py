@@ -511,7 +511,7 @@ def sample_phantom_params(
         contrast=contrast_on,
         noise_sigma_hu=float(rng.uniform(10, 40)) if noise_sigma_hu is None else float(noise_sigma_hu),
         blur_sigma_mm=float(rng.uniform(0.35, 0.9)) if blur_sigma_mm is None else float(blur_sigma_mm),
-        vessel_points=int(rng.integers(350, 700)),
+        vessel_points=int(rng.integers(500, 1000)),
         kvp=float(rng.choice([100.0, 120.0, 120.0, 140.0])),
         tube_current_ma=float(rng.uniform(60, 350)),
     )
@@ -851,7 +851,13 @@ def _trees_cached(p: PhantomParams) -> tuple[_Tube, ...]:
                     tubes.append(_Tube(tuple(a), tuple(b), r0, max(r1, 1.0), 30.0, _S["airway"], gen == 0, 0.72))
                 else:
                     tubes.append(_Tube(tuple(a), tuple(b), r0, r1, blood, _S["vessel"], gen == 0))
-    return tuple(tubes)
+    # Airway walls first, all lumens after them: a later segment's wall must not paint over an
+    # earlier segment's air at the joints.
+    walls = [replace(t, lumen=0.0) for t in tubes]
+    lumens = [
+        replace(t, r0=t.r0 * t.lumen, r1=t.r1 * t.lumen, hu=AIR_HU, lumen=0.0) for t in tubes if t.lumen > 0
+    ]
+    return tuple(walls + lumens)
 
 
 # ---------------------------------------------------------------------------------- nodule placement
@@ -1045,6 +1051,16 @@ class _Fine:
         self.width = int(np.max(stop - self.start))
         idx = self.start[:, None] + np.arange(self.width)[None, :]
         idx = np.minimum(idx, len(self.z) - 1)
+        overlap = np.clip(np.minimum(p_hi[idx], hi_w[:, None]) - np.maximum(p_lo[idx], lo_w[:, None]), 0, None)
+        overlap[overlap < 1e-6 * step] = 0.0
+        # drop planes that only touch a window's edge (rounding), so each slice starts at its first
+        # plane that really counts
+        used = overlap > 0
+        lead = np.argmax(used, axis=1)
+        trail = np.argmax(used[:, ::-1], axis=1)
+        self.start = self.start + lead
+        self.width = int(np.max(self.width - lead - trail))
+        idx = np.minimum(self.start[:, None] + np.arange(self.width)[None, :], len(self.z) - 1)
         overlap = np.clip(np.minimum(p_hi[idx], hi_w[:, None]) - np.maximum(p_lo[idx], lo_w[:, None]), 0, None)
         overlap[overlap < 1e-6 * step] = 0.0
         self.weights = (overlap / overlap.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -1565,6 +1581,7 @@ def _average_slices(
     """
     nz = len(fine.start)
     if np.any(fine.start < np.arange(nz)) or np.any(np.diff(fine.start) < 1):
+        # cannot happen with planes no farther apart than the slices; fail loudly rather than mix
         raise PhantomError("internal: slice planes overlap unexpectedly; report the parameters")
     ny, nx = hu.shape[1:]
     has_nodule = ids.reshape(ids.shape[0], -1).max(axis=1) > 0 if any_nodule else np.zeros(ids.shape[0], bool)

@@ -298,3 +298,14 @@ def test_an_oblique_orientation_moves_the_slices_along_its_normal(tmp_path: Path
     assert np.allclose([float(v) for v in datasets[0].ImageOrientationPatient], iop, atol=1e-6)
     with pytest.raises(PhantomError, match="orthogonal"):
         write_phantom_series(tiny, tmp_path / "bad", image_orientation_patient=(1, 0, 0, 1, 0, 0))
+
+
+@pytest.mark.parametrize(
+    ("spacing", "thickness"), [(1.14183, 1.14183), (2.5, 5.0), (5.0, 1.0), (0.7, 0.9), (3.3, 3.3)]
+)
+def test_equal_overlapping_and_gapped_slices_all_render(spacing: float, thickness: float) -> None:
+    ph = generate_phantom(
+        0, shape_zyx=(12, 40, 40), spacing_mm=(spacing, 8.0, 8.0), slice_thickness_mm=thickness, nodules=0
+    )
+    assert ph.slice_thickness_mm == thickness and ph.spacing_mm[0] == spacing
+    assert ph.labels_zyx.shape == (12, 40, 40)
