@@ -1432,8 +1432,17 @@ def _render_nodules(
 
 
 def render_phantom(params: PhantomParams) -> Phantom:
-    """Sample ``params`` on its grid: anatomy, tubes and nodules on sub-slices, then partial volume,
-    point-spread blur and noise. Deterministic in ``params`` (the noise is seeded by ``params.seed``)."""
+    """Sample ``params`` on its grid and return the `Phantom`.
+
+    Anatomy, tubes (vessels, airways) and nodules are drawn on planes at most 1.6 mm apart, averaged
+    over each slice's thickness (partial volume), then noise and the reconstruction kernel are
+    applied. Deterministic in ``params`` (the noise is seeded by ``params.seed``).
+
+    Raises
+    ------
+    PhantomError
+        Internal inconsistency of the slice planes (never expected; the message says so).
+    """
     t0 = time.perf_counter()
     p = params
     anat = _Anatomy(p)
