@@ -81,6 +81,7 @@ def write_phantom_series(
     specific_character_set: str | None = None,
     position_offset_lps_mm: Sequence[float] = (0.0, 0.0, 0.0),
     image_orientation_patient: Sequence[float] = AXIAL_IOP,
+    gantry_tilt_deg: float = 0.0,
     pixel_representation: int = 1,
     accession_number: str = "",
     file_prefix: str = "IM",
@@ -115,6 +116,11 @@ def write_phantom_series(
         orientation rotates the whole grid about voxel (0, 0, 0) — slice ``k`` lies at origin +
         k × spacing × (row × column) — for loader tests of oblique series; the phantom's truth in
         LPS then no longer applies (its voxel indices still do).
+    gantry_tilt_deg
+        Gantry/Detector Tilt (0018,1120): the image planes tilt about the x axis (column cosine
+        (0, cos t, sin t)) while the table still moves along z, so slice k lies at origin + k × spacing ×
+        (0, 0, 1) — the sheared geometry of a tilted acquisition, for loader tests. Exclusive with a
+        non-axial ``image_orientation_patient``.
     pixel_representation
         1: signed 16-bit (Bits Stored 16); 0: unsigned with Bits Stored 12. Both store HU + 1024 with
         Rescale Intercept −1024 and Rescale Slope 1.
@@ -139,11 +145,20 @@ def write_phantom_series(
         _check_encoder(tsuid)
     params = phantom.params
     iop = np.asarray([float(v) for v in image_orientation_patient])
+    step_direction: Any = None
+    if gantry_tilt_deg:
+        if not np.allclose(iop, AXIAL_IOP):
+            raise PhantomError("gantry_tilt_deg needs the default axial image_orientation_patient")
+        tilt = np.radians(float(gantry_tilt_deg))
+        iop = np.array([1.0, 0.0, 0.0, 0.0, np.cos(tilt), np.sin(tilt)])
+        step_direction = np.array([0.0, 0.0, 1.0])
     if iop.shape != (6,) or not np.allclose(np.linalg.norm(iop.reshape(2, 3), axis=1), 1.0, atol=1e-4) or abs(
         float(iop[:3] @ iop[3:])
     ) > 1e-4:
         raise PhantomError("image_orientation_patient must be two orthogonal unit vectors (six values)")
     normal = np.cross(iop[:3], iop[3:])
+    if step_direction is None:
+        step_direction = normal
     offset = tuple(float(v) for v in position_offset_lps_mm)
     if len(offset) != 3:
         raise PhantomError("position_offset_lps_mm must hold three values (x, y, z) in mm")
@@ -152,8 +167,10 @@ def write_phantom_series(
 
     key = f"edge-node-phantom:{params.digest()}"
     study_uid = study_instance_uid or phantom_uid(key, "study", patient_id, patient_name)
-    series_uid = series_instance_uid or phantom_uid(key, "series", study_uid, series_number, offset, tuple(iop))
-    for_uid = phantom_uid(key, "frame-of-reference", study_uid, offset, tuple(iop))
+    series_uid = series_instance_uid or phantom_uid(
+        key, "series", study_uid, series_number, offset, tuple(iop), gantry_tilt_deg
+    )
+    for_uid = phantom_uid(key, "frame-of-reference", study_uid, offset, tuple(iop), gantry_tilt_deg)
     seed = int(phantom.seed)
     day = dt.date(2024, 1, 1) + dt.timedelta(days=seed % 730)
     date = day.strftime("%Y%m%d")
@@ -217,7 +234,7 @@ def write_phantom_series(
     ds.ReconstructionDiameter = _ds_number(fov)
     ds.DistanceSourceToDetector = "1040"
     ds.DistanceSourceToPatient = "570"
-    ds.GantryDetectorTilt = "0"
+    ds.GantryDetectorTilt = _ds_number(float(gantry_tilt_deg))
     ds.TableHeight = _ds_number(150.0 - params.center_y_mm * 0.1)
     ds.RotationDirection = "CW"
     ds.ExposureTime = "500"
@@ -262,13 +279,13 @@ def write_phantom_series(
     paths: list[Path] = []
     for k in range(nz):
         instance = nz - k
-        ipp = tuple(float(c) for c in origin + k * dz * normal)
+        ipp = tuple(float(c) for c in origin + k * dz * step_direction)
         sop_uid = phantom_uid(series_uid, "instance", k)
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
         ds.SOPInstanceUID = sop_uid
         ds.InstanceNumber = instance
         ds.ImagePositionPatient = [_ds_number(v) for v in ipp]
-        ds.SliceLocation = _ds_number(float(np.dot(origin + k * dz * normal, normal)))
+        ds.SliceLocation = _ds_number(float(np.dot(origin + k * dz * step_direction, normal)))
         plane = np.ascontiguousarray(stored[k])
         if tsuid in _UNCOMPRESSED:
             ds.PixelData = plane.astype("<i2" if pixel_representation == 1 else "<u2", copy=False).tobytes()

@@ -309,3 +309,13 @@ def test_equal_overlapping_and_gapped_slices_all_render(spacing: float, thicknes
     )
     assert ph.slice_thickness_mm == thickness and ph.spacing_mm[0] == spacing
     assert ph.labels_zyx.shape == (12, 40, 40)
+
+
+def test_gantry_tilt_tilts_the_planes_but_not_the_table_motion(tmp_path: Path, tiny: Phantom) -> None:
+    paths = write_phantom_series(tiny, tmp_path, gantry_tilt_deg=15.0)
+    datasets = _read_series(paths)
+    assert float(datasets[0].GantryDetectorTilt) == 15.0
+    iop = [float(v) for v in datasets[0].ImageOrientationPatient]
+    assert np.allclose(iop, [1, 0, 0, 0, np.cos(np.radians(15)), np.sin(np.radians(15))], atol=1e-6)
+    positions = np.array([[float(v) for v in d.ImagePositionPatient] for d in datasets])
+    assert np.allclose(np.diff(positions, axis=0), [0.0, 0.0, tiny.spacing_mm[0]], atol=1e-4)
