@@ -536,8 +536,8 @@ def sample_phantom_params(
     if nodules is None:
         count = 0 if n_rng.random() < 0.25 else int(n_rng.integers(1, max_nodules + 1))
     else:
-        if nodules < 0:
-            raise PhantomError(f"nodules must be >= 0, got {nodules}")
+        if not 0 <= nodules <= 250:
+            raise PhantomError(f"nodules must be within 0–250 (uint8 nodule ids), got {nodules}")
         count = int(nodules)
     specs = _place_nodules(params, count, nodule_kinds, nodule_attachments, (lo_d, hi_d))
     return replace(params, nodules=specs)
