@@ -36,6 +36,7 @@ exit codes:
   1  runtime failure (the node stopped on an error, the database or spool is unusable)
   2  usage or configuration error (the message names the key and the fix)
   3  peer unreachable, association rejected or C-ECHO failed
+  4  analyze: no series that a model accepts (nothing analysable)
 """
 
 
