@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import json
 import logging
 import sys
@@ -212,7 +213,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     try:
-        import pipeline.analyze as analyze  # heavy (torch): imported only for this command
+        # Heavy (torch): imported only for this command.
+        analyze = importlib.import_module("pipeline.analyze")
     except ImportError as exc:
         print(f"edge-node: the analysis pipeline is not available ({exc}); install the full package "
               "(pip install pacs-edge-node) to use `edge-node analyze`", file=sys.stderr)
