@@ -134,7 +134,11 @@ def write_demo_study(folder: Path, slices: int, size: int, seed: int = 2026) -> 
     """
     from models.phantoms import generate_phantom, write_phantom_series
 
-    phantom = generate_phantom(seed, shape_zyx=(slices, size, size))
+    # 5 mm slices: thick enough that 40 slices cover the lungs, thin enough for the models' series
+    # criteria (slice thickness at most 5 mm); pixels about 1.4 mm at 256 (a 36 cm field of view).
+    pixel_mm = 360.0 / size
+    phantom = generate_phantom(seed, shape_zyx=(slices, size, size), spacing_mm=(5.0, pixel_mm, pixel_mm),
+                               slice_thickness_mm=5.0)
     files = write_phantom_series(
         phantom, folder, patient_name="DEMO^PHANTOM", patient_id="DEMO0001",
         series_description="Demo chest CT (synthetic)", study_description="CT CHEST demo",
@@ -283,7 +287,46 @@ def study_state(status: dict[str, Any], study_instance_uid: str) -> str | None:
     return None
 
 
-def run_demo(work: Path, slices: int, size: int, timeout_s: float) -> None:
+def analyze_stored(data_dir: Path, out: Path, model_dir: Path | None, timeout_s: float) -> None:
+    """Run ``edge-node analyze`` on what the node stored and print the findings.
+
+    No model installed, or none accepting the series (exit status 4), is reported and is not a failure:
+    the receiver part of the demo does not depend on a model.
+    """
+    argv = [*edge_node_command(), "analyze", str(data_dir), "--out", str(out), "--json", "--device", "cpu"]
+    if model_dir is not None:
+        argv += ["--model-dir", str(model_dir)]
+    t0 = time.monotonic()
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise DemoError(f"edge-node analyze took longer than {timeout_s:.0f} s") from None
+    seconds = time.monotonic() - t0
+    try:
+        report = json.loads(result.stdout) if result.stdout.strip() else {}
+    except json.JSONDecodeError:
+        report = {}
+    if result.returncode == 4 or (result.returncode == 0 and not report.get("analysed")):
+        reasons = "; ".join(str(s.get("reason")) for s in report.get("skipped", [])) or result.stderr.strip()
+        say(f"      analysis: nothing analysed ({reasons or 'no model installed'})")
+        return
+    if result.returncode != 0:
+        raise DemoError(f"edge-node analyze exited with {result.returncode}: {result.stderr.strip()[-2000:]}")
+    for series in report.get("analysed", []):
+        findings = series.get("findings", [])
+        study = series.get("study_finding") or {}
+        say(f"      analysis ({seconds:.1f} s): model {series.get('model', '?')}, {len(findings)} finding(s)"
+            + (f", {study.get('name')} score {float(study.get('score') or 0):.2f}" if study else ""))
+        say(f"        SEG {series.get('seg_path')}\n        SR  {series.get('sr_path')}")
+        for f in findings[:5]:
+            say(f"        {f.get('label', '?'):<12} volume {float(f.get('volume_ml') or 0):8.2f} mL  "
+                f"diameter {float(f.get('diameter_mm') or 0):6.1f} mm  score {float(f.get('score') or 0):.2f}")
+        if len(findings) > 5:
+            say(f"        ... and {len(findings) - 5} more (see {out})")
+
+
+def run_demo(work: Path, slices: int, size: int, timeout_s: float, *, analyze: bool = False,
+             model_dir: Path | None = None) -> None:
     """Every step of the demo; raises `DemoError` naming the step that failed."""
     started = time.monotonic()
 
@@ -336,6 +379,9 @@ def run_demo(work: Path, slices: int, size: int, timeout_s: float) -> None:
         say("")
         say(receiver.status(as_json=False).rstrip())
         say("")
+        if analyze:
+            say("      --analyze: running edge-node analyze on the stored study (CPU) ...")
+            analyze_stored(data_dir, work / "results", model_dir, left())
     finally:
         rc = receiver.stop()
     if rc != 0:
@@ -359,6 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="keep config, study, data and log in this folder (default: a temporary folder, removed)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds the whole demo may take (default 120)")
+    parser.add_argument("--analyze", action="store_true",
+                        help="also run `edge-node analyze` on the stored study and print the findings")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="with --analyze: folder of model bundles (default: the models shipped with the node)")
     args = parser.parse_args(argv)
     if args.slices < 1 or args.size < 16:
         parser.error("--slices must be at least 1 and --size at least 16")
@@ -376,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tempfile.mkdtemp(prefix="edge-node-demo-"))
     say("edge-node demo: receive a CT study, index it, complete it")
     try:
-        run_demo(work, args.slices, args.size, args.timeout)
+        run_demo(work, args.slices, args.size, args.timeout, analyze=args.analyze, model_dir=args.model_dir)
     except DemoError as exc:
         say(f"demo FAILED: {exc}")
         return 1

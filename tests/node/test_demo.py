@@ -62,3 +62,29 @@ def test_demo_stores_every_instance_completes_the_study_and_exits_0(tmp_path: Pa
     # The receiver's own log names no patient.
     log = (tmp_path / "demo" / "edge-node.log").read_text(errors="replace")
     assert "DEMO^PHANTOM" not in log and "DEMO0001" not in log
+
+
+@pytest.mark.slow
+def test_demo_with_analyze_prints_the_findings_and_the_result_files(tmp_path: Path) -> None:
+    from tests.models.tiny_bundle import make_tiny_bundle
+
+    models = tmp_path / "models"
+    make_tiny_bundle(models / "tiny")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "node.demo", "--slices", "20", "--size", "96", "--analyze",
+         "--model-dir", str(models), "--data-dir", str(tmp_path / "demo")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        output, _ = demo.communicate(timeout=DEMO_DEADLINE_SECONDS)
+    except subprocess.TimeoutExpired:
+        demo.send_signal(signal.SIGTERM)
+        output, _ = demo.communicate(timeout=40)
+        pytest.fail(f"node.demo --analyze took longer than {DEMO_DEADLINE_SECONDS} s:\n{output}")
+    assert demo.returncode == 0, output
+    assert "model tiny_test_model" in output, output
+    seg = re.search(r"SEG (\S+\.dcm)", output)
+    sr = re.search(r"SR  (\S+\.dcm)", output)
+    assert seg and Path(seg.group(1)).is_file(), output
+    assert sr and Path(sr.group(1)).is_file(), output
