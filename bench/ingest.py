@@ -492,10 +492,10 @@ def print_table(results: list[Result]) -> dict[str, dict[str, float | None]]:
         edge = by.get(("edge-node", mode))
         if edge is None:
             continue
-        ratios[mode] = {}
-        for other in ("storescp", "orthanc"):
-            if (other, mode) in by:
-                ratios[mode][f"edge-node/{other}"] = ratio(edge.images_per_s, by[(other, mode)].images_per_s)
+        values = {f"edge-node/{other}": ratio(edge.images_per_s, by[(other, mode)].images_per_s)
+                  for other in ("storescp", "orthanc") if (other, mode) in by}
+        if values:
+            ratios[mode] = values
     if ratios:
         print()
         for mode, values in ratios.items():
