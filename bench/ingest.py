@@ -1,7 +1,8 @@
 """Ingest benchmark: the same CT series sent by DCMTK ``storescu`` to edge-node, ``storescp`` and Orthanc.
 
 The bench generates one CT series (default 300 slices of 512×512 int16, about 157 MB), writes it
-once to a temporary folder, and then, in the same run, sends it over loopback (127.0.0.1) to each
+once to a scratch folder (``--work-dir``, default ``bench/out``: on the real disk, since fsync on a
+tmpfs costs nothing), and then, in the same run, sends it over loopback (127.0.0.1) to each
 receiver, each started by the bench with its own fresh storage folder for every run:
 
 * edge-node: ``edge-node serve`` with a generated config (own ``data_dir``, ``fsync = true``, the
@@ -515,6 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--receivers", default="edge-node,storescp,orthanc",
                         help="comma-separated subset of edge-node,storescp,orthanc")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_OUT.parent,
+                        help="folder for the series and the receivers' storage, removed afterwards; put it on the "
+                             "disk you want measured, not on a tmpfs where fsync is free (default bench/out)")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.slices < 1 or args.senders < 1:
         parser.error("--runs, --slices and --senders must be at least 1")
@@ -530,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    work = Path(tempfile.mkdtemp(prefix="edge-node-bench-"))
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="edge-node-bench-", dir=args.work_dir))
     modes = [("single", 1), (f"{args.senders} senders", args.senders)] if args.senders > 1 else [("single", 1)]
     results = {(r.name, mode): Result(r.name, mode, n) for r in receivers for mode, n in modes}
     try:

@@ -38,10 +38,10 @@ def test_ingest_bench_measures_every_receiver_and_mode_and_leaves_nothing_behind
     out = tmp_path / "ingest.json"
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    env = dict(os.environ, TMPDIR=str(scratch))
+    env = dict(os.environ)
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "ingest.py"), "--runs", "1", "--slices", "8", "--size", "64",
-         "--out", str(out)],
+         "--out", str(out), "--work-dir", str(scratch)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=BENCH_DEADLINE_SECONDS,
     )
     output = result.stdout + result.stderr
