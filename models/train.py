@@ -50,15 +50,17 @@ class TrainSettings:
     """Knobs of one training run; the defaults reproduce the shipped weights."""
 
     train_cases: int = 64
-    validation_cases: int = 8
+    validation_cases: int = 6
     minutes: float = 40.0
     max_epochs: int = 400
-    steps_per_epoch: int = 40
+    steps_per_epoch: int = 60
     batch_size: int = 4
     patch_zyx: tuple[int, int, int] = (32, 80, 80)
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
-    nodule_patch_fraction: float = 0.6
+    nodule_patch_fraction: float = 0.7
+    nodule_class_weight: float = 10.0
+    resume: Path | None = None
     seed: int = 20261121
     threads: int = 0
     workers: int = 2
@@ -87,12 +89,14 @@ def phantom_shape_for(seed: int) -> tuple[int, int, int]:
     return (slices, matrix, matrix)
 
 
-def prepare_case(seed: int, steps: Sequence[Any]) -> Case:
+def prepare_case(seed: int, bundle_dir: Path) -> Case:
     """Generate the phantom of ``seed`` and run the bundle's preprocessing plan on image and labels."""
     from models.phantoms import generate_phantom
+    from models.spec import load_spec
     from pipeline.preprocess import replay_plan, run_plan
     from pipeline.types import Volume
 
+    steps = load_spec(bundle_dir).preprocess
     phantom = generate_phantom(seed, shape_zyx=phantom_shape_for(seed))
     volume = Volume(phantom.hu_zyx.astype(np.float32), phantom.affine_lps)
     image, records = run_plan(volume, steps)
@@ -105,16 +109,22 @@ def prepare_case(seed: int, steps: Sequence[Any]) -> Case:
     return Case(seed, np.asarray(image.array_zyx, dtype=np.float32), label_array, tuple(centers))
 
 
-def load_cases(seeds: Sequence[int], steps: Sequence[Any], cache_dir: Path, workers: int) -> list[Case]:
+def load_cases(seeds: Sequence[int], bundle_dir: Path, cache_dir: Path, workers: int) -> list[Case]:
     """Prepare the cases of ``seeds``, reusing ``cache_dir/<plan hash>/<seed>.npz`` when present."""
-    plan_key = hashlib.sha256(repr(tuple(steps)).encode()).hexdigest()[:12]
+    import models.phantoms
+    from models.spec import load_spec
+
+    # The cache is valid for one plan and one version of the generator's code.
+    steps = load_spec(bundle_dir).preprocess
+    generator = Path(models.phantoms.__file__).read_bytes()
+    plan_key = hashlib.sha256(repr(tuple((s.op, dict(s.params)) for s in steps)).encode() + generator).hexdigest()[:12]
     folder = cache_dir / plan_key
     folder.mkdir(parents=True, exist_ok=True)
     missing = [s for s in seeds if not (folder / f"{s}.npz").exists()]
     if missing:
         started = time.perf_counter()
         with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-            for case in pool.map(prepare_case, missing, [steps] * len(missing)):
+            for case in pool.map(prepare_case, missing, [bundle_dir] * len(missing)):
                 tmp = folder / f".{case.seed}.tmp.npz"
                 np.savez_compressed(tmp, image=case.image.astype(np.float16), labels=case.labels,
                                     centers=np.asarray(case.nodule_centers, dtype=np.int32).reshape(-1, 3))
@@ -255,22 +265,33 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
     started = time.perf_counter()
     train_seeds = [TRAIN_SEED_BASE + i for i in range(settings.train_cases)]
     validation_seeds = [VALIDATION_SEED_BASE + i for i in range(settings.validation_cases)]
-    cases = load_cases(train_seeds, spec.preprocess, work_dir / "cache", settings.workers)
-    validation = load_cases(validation_seeds, spec.preprocess, work_dir / "cache", settings.workers)
+    cases = load_cases(train_seeds, bundle_dir, work_dir / "cache", settings.workers)
+    validation = load_cases(validation_seeds, bundle_dir, work_dir / "cache", settings.workers)
     prepared_seconds = time.perf_counter() - started
     network = build_network(spec.architecture)
     network.train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
-    total_steps = settings.max_epochs * settings.steps_per_epoch
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.learning_rate,
-                                                   total_steps=total_steps, pct_start=0.05)
-    class_weights = torch.tensor([1.0, 1.0, 3.0])
+    if settings.resume is not None:
+        network.load_state_dict(torch.load(settings.resume, map_location="cpu", weights_only=True))
+        logger.info("event=resumed checkpoint=%s", settings.resume)
+    # Nodules are a fraction of a percent of the voxels even in nodule-centred patches: weight them up.
+    class_weights = torch.tensor([1.0, 1.0, settings.nodule_class_weight])
     log_path = work_dir / "training_log.csv"
     best_score, best_epoch, history = -1.0, -1, []
     deadline = started + settings.minutes * 60.0
     stream = batches(cases, settings, rng)
     train_started = time.perf_counter()
+    budget_seconds = max(60.0, deadline - train_started)
+    step = 0
+
+    def learning_rate() -> float:
+        # Time-based schedule (the number of steps a CPU manages is not known in advance): a linear
+        # warm-up over the first 20 steps, then a cosine decay over the time budget.
+        fraction = min(1.0, (time.perf_counter() - train_started) / budget_seconds)
+        warmup = min(1.0, (step + 1) / 20.0)
+        return settings.learning_rate * warmup * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * fraction)))
+
     epoch = 0
     with open(log_path, "w", newline="") as log_file:
         writer = csv.writer(log_file)
@@ -278,6 +299,9 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
         for epoch in range(1, settings.max_epochs + 1):
             losses = []
             for _ in range(settings.steps_per_epoch):
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate()
+                step += 1
                 images, labels = next(stream)
                 x = torch.from_numpy(images)
                 y = torch.from_numpy(labels.astype(np.int64))
@@ -289,11 +313,10 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                schedule.step()
                 losses.append(float(loss.detach()))
             metrics = validate(network, validation, spec)
             elapsed = time.perf_counter() - started
-            row = {"epoch": epoch, "seconds": round(elapsed, 1), "lr": schedule.get_last_lr()[0],
+            row = {"epoch": epoch, "seconds": round(elapsed, 1), "lr": optimizer.param_groups[0]["lr"],
                    "train_loss": float(np.mean(losses)), **metrics}
             history.append(row)
             writer.writerow([row[k] for k in ("epoch", "seconds", "lr", "train_loss", "val_lung_dice",
@@ -324,7 +347,7 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
 
 
 def _jsonable(settings: TrainSettings) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+    return {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in
             ((f, getattr(settings, f)) for f in settings.__dataclass_fields__)}
 
 
@@ -361,12 +384,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--nodule-class-weight", type=float, default=defaults.nodule_class_weight)
+    parser.add_argument("--resume", type=Path, default=None, help="start from this checkpoint (state_dict)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     settings = TrainSettings(minutes=args.minutes, train_cases=args.train_cases,
                              validation_cases=args.validation_cases, steps_per_epoch=args.steps_per_epoch,
                              max_epochs=args.max_epochs, batch_size=args.batch_size, threads=args.threads,
-                             workers=args.workers)
+                             workers=args.workers, nodule_class_weight=args.nodule_class_weight,
+                             resume=args.resume)
     summary = train(args.bundle, args.work_dir, settings)
     print(json.dumps(summary, indent=2))
     return 0
