@@ -386,13 +386,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=defaults.workers)
     parser.add_argument("--nodule-class-weight", type=float, default=defaults.nodule_class_weight)
     parser.add_argument("--resume", type=Path, default=None, help="start from this checkpoint (state_dict)")
+    parser.add_argument("--patch", type=lambda v: tuple(int(x) for x in v.split(",")), default=defaults.patch_zyx,
+                        help="training patch Z,Y,X in voxels of the plan's grid")
+    parser.add_argument("--nodule-patch-fraction", type=float, default=defaults.nodule_patch_fraction)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     settings = TrainSettings(minutes=args.minutes, train_cases=args.train_cases,
                              validation_cases=args.validation_cases, steps_per_epoch=args.steps_per_epoch,
                              max_epochs=args.max_epochs, batch_size=args.batch_size, threads=args.threads,
                              workers=args.workers, nodule_class_weight=args.nodule_class_weight,
-                             resume=args.resume)
+                             resume=args.resume, patch_zyx=args.patch,
+                             nodule_patch_fraction=args.nodule_patch_fraction)
     summary = train(args.bundle, args.work_dir, settings)
     print(json.dumps(summary, indent=2))
     return 0
