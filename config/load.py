@@ -210,7 +210,7 @@ def _check_ae_title(where: str, title: str) -> None:
     if not stripped:
         raise ConfigError(f"{where} must not be empty; use up to 16 characters such as \"EDGE_NODE\"")
     if len(stripped) > 16:
-        raise ConfigError(f"{where} {title!r} is {len(stripped)} characters; an AE title has at most 16 (PS3.5 AE)")
+        raise ConfigError(f"{where} {title!r} is {len(stripped)} characters; an AE title has at most 16 (PS3.5 AE): shorten it")
     if "\\" in title:
         raise ConfigError(f"{where} {title!r} contains a backslash, which an AE title may not; remove it")
     if not _AE_CHARS.match(title):
