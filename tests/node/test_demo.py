@@ -17,6 +17,23 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_DEADLINE_SECONDS = 60
 
 
+def _run_demo(*args: str) -> tuple[int, str]:
+    """Run ``python -m node.demo ARGS`` with a deadline; return its exit status and output."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "node.demo", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        output, _ = demo.communicate(timeout=DEMO_DEADLINE_SECONDS)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets the demo stop its receiver; only then give up on it.
+        demo.send_signal(signal.SIGTERM)
+        output, _ = demo.communicate(timeout=40)
+        pytest.fail(f"node.demo {' '.join(args)} took longer than {DEMO_DEADLINE_SECONDS} s:\n{output}")
+    return demo.returncode, output
+
+
 def test_demo_config_is_the_example_config_with_only_the_demo_changes(tmp_path: Path) -> None:
     from config.load import load_settings
 
@@ -42,19 +59,8 @@ def test_override_toml_replaces_a_key_only_in_its_own_section() -> None:
 
 @pytest.mark.slow
 def test_demo_stores_every_instance_completes_the_study_and_exits_0(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "node.demo", "--data-dir", str(tmp_path / "demo")],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        output, _ = demo.communicate(timeout=DEMO_DEADLINE_SECONDS)
-    except subprocess.TimeoutExpired:
-        # SIGTERM lets the demo stop its receiver; only then give up on it.
-        demo.send_signal(signal.SIGTERM)
-        output, _ = demo.communicate(timeout=40)
-        pytest.fail(f"node.demo took longer than {DEMO_DEADLINE_SECONDS} s:\n{output}")
-    assert demo.returncode == 0, output
+    returncode, output = _run_demo("--data-dir", str(tmp_path / "demo"))
+    assert returncode == 0, output
     assert "40 acknowledged with status 0x0000" in output, output
     assert re.search(r"stored: 40/40 instances indexed; study complete", output), output
     assert "stopped cleanly on SIGTERM (exit status 0)" in output, output
@@ -70,19 +76,9 @@ def test_demo_with_analyze_prints_the_findings_and_the_result_files(tmp_path: Pa
 
     models = tmp_path / "models"
     make_tiny_bundle(models / "tiny")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "node.demo", "--slices", "20", "--size", "96", "--analyze",
-         "--model-dir", str(models), "--data-dir", str(tmp_path / "demo")],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        output, _ = demo.communicate(timeout=DEMO_DEADLINE_SECONDS)
-    except subprocess.TimeoutExpired:
-        demo.send_signal(signal.SIGTERM)
-        output, _ = demo.communicate(timeout=40)
-        pytest.fail(f"node.demo --analyze took longer than {DEMO_DEADLINE_SECONDS} s:\n{output}")
-    assert demo.returncode == 0, output
+    returncode, output = _run_demo("--slices", "20", "--size", "96", "--analyze",
+                                   "--model-dir", str(models), "--data-dir", str(tmp_path / "demo"))
+    assert returncode == 0, output
     assert "model tiny_test_model" in output, output
     seg = re.search(r"SEG (\S+\.dcm)", output)
     sr = re.search(r"SR  (\S+\.dcm)", output)
