@@ -59,7 +59,7 @@ MANIFEST_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                   frozenset({"overlap", "batch_size", "gaussian_sigma_scale",
                              "whole_volume_max_voxels"})),
     "labels": (frozenset({"value", "name", "category", "type", "color_rgb"}),
-               frozenset({"threshold", "min_size_mm3", "is_finding", "finding_site"})),
+               frozenset({"threshold", "min_size_mm3", "max_findings", "is_finding", "finding_site"})),
     "segmentation": (frozenset(), frozenset({"type"})),
     "study_finding": (frozenset({"name", "code"}), frozenset({"threshold", "source"})),
     "outputs": (frozenset(), frozenset({"seg_series_description", "sr_series_description"})),
@@ -130,8 +130,9 @@ class LabelSpec:
     ``value`` is the label-map value and the network's output channel (≥ 1; 0 is background).
     ``category``/``type`` are the SEG segment's property category and type codes (SNOMED CT, CID 7150
     and CID 7151 families). ``threshold`` is the minimum softmax probability, ``min_size_mm3`` the
-    smallest connected component kept, ``is_finding`` marks labels measured as findings in the SR
-    (TID 1411), ``finding_site`` the anatomic site reported with them.
+    smallest connected component kept, ``max_findings`` the most components of a finding label kept
+    per series (the highest-scoring ones; 0 = no limit), ``is_finding`` marks labels measured as
+    findings in the SR (TID 1411), ``finding_site`` the anatomic site reported with them.
     """
 
     value: int
@@ -141,6 +142,7 @@ class LabelSpec:
     color_rgb: tuple[int, int, int]
     threshold: float = 0.5
     min_size_mm3: float = 0.0
+    max_findings: int = 0
     is_finding: bool = False
     finding_site: CodeSpec | None = None
 
@@ -525,6 +527,7 @@ def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:
             color_rgb=(color[0], color[1], color[2]),
             threshold=threshold,
             min_size_mm3=p.number(t, "min_size_mm3", prefix=key, default=0.0, minimum=0.0),
+            max_findings=int(p.number(t, "max_findings", prefix=key, default=0, minimum=0)),
             is_finding=p.boolean(t, "is_finding", prefix=key, default=False),
             finding_site=(p.code(t["finding_site"], f"{key}.finding_site")
                           if "finding_site" in t else None),

@@ -195,7 +195,9 @@ def postprocess(
     ``LabelSpec.min_size_mm3``; each surviving component of a label with ``is_finding`` becomes a
     `Finding` with volume (mL), longest axial diameter (mm, `longest_axial_diameter_mm`), centroid
     (LPS mm), mean and standard deviation of HU, and score (mean probability of its label inside it).
-    Findings are ordered by label value, then by decreasing size; ``Finding.index`` counts from 1 in that
+    When a label has more components than ``LabelSpec.max_findings`` (> 0), only the highest-scoring
+    ones are kept, in the findings and in the label map. Findings are ordered by label value, then by
+    decreasing size; ``Finding.index`` counts from 1 in that
     order over all finding labels (it becomes the SR tracking identifier "finding <index>").
 
     The study-level score is the sigmoid of ``study_logit`` when the manifest's study finding takes its
@@ -248,6 +250,7 @@ def postprocess(
         min_voxels = spec.min_size_mm3 / voxel_mm3 if voxel_mm3 > 0 else 0.0
         probability = channels[spec.value]
         removed = 0
+        kept: list[tuple[Finding, tuple[slice, ...], NDArray[np.bool_]]] = []
         for number, local in enumerate(ndimage.find_objects(components), start=1):
             if local is None:
                 continue
@@ -257,7 +260,16 @@ def postprocess(
                 label_map[box][mask] = 0
                 removed += 1
             elif spec.is_finding:
-                findings.append(_measure(spec, mask, box, source_hu, probability, voxel_mm3))
+                kept.append((_measure(spec, mask, box, source_hu, probability, voxel_mm3), box, mask))
+        if spec.max_findings and len(kept) > spec.max_findings:
+            # A model gone wrong (or a series it does not suit) can fire hundreds of components: keep the
+            # most probable ones so the report stays readable and its encoding bounded.
+            kept.sort(key=lambda item: (-item[0].score, -item[0].voxel_count))
+            for _, box, mask in kept[spec.max_findings:]:
+                label_map[box][mask] = 0
+            log.info("event=findings_capped label=%s found=%d kept=%d", spec.name, len(kept), spec.max_findings)
+            kept = kept[:spec.max_findings]
+        findings.extend(finding for finding, _, _ in kept)
         if removed:
             log.debug("event=components_removed label=%s count=%d min_size_mm3=%s", spec.name, removed, spec.min_size_mm3)
     findings.sort(key=lambda f: (f.label_value, -f.voxel_count, f.centroid_lps_mm))

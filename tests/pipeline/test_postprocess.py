@@ -184,3 +184,18 @@ def test_diameter_of_a_long_diagonal_line_uses_its_two_ends() -> None:
     mask[0, idx + 50, 350 - idx] = True  # 300 pixels on an anti-diagonal: collinear, beyond the hull cut-off
     expected = math.hypot(299, 299) + 1.0  # centre to centre, plus one pixel along the line
     assert longest_axial_diameter_mm(mask, np.eye(4)) == pytest.approx(expected)
+
+
+def test_max_findings_keeps_the_most_probable_components_and_erases_the_rest() -> None:
+    nodule = np.zeros((3, 20, 20), dtype=bool)
+    for n in range(5):
+        nodule[1, 2 + 3 * n, 2:4] = True  # five separate two-voxel components
+    probabilities = _probabilities(nodule, p=0.6)
+    probabilities[2, 1, 2 + 3 * 3, 2:4] = 0.95  # component 4 and component 1 are the most probable
+    probabilities[2, 1, 2, 2:4] = 0.9
+    label = replace(NODULE_LABEL, min_size_mm3=0.0, max_findings=2)
+    result = postprocess(probabilities, _volume(nodule.shape), [LUNG_LABEL, label])
+    assert sorted(round(f.score, 2) for f in result.findings) == [0.9, 0.95]
+    kept = result.label_map.array_zyx == 2
+    assert int(kept.sum()) == 4 and kept[1, 11, 2] and kept[1, 2, 2] and not kept[1, 5, 2]
+    assert [f.index for f in result.findings] == [1, 2]
