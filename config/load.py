@@ -41,6 +41,7 @@ _PATH_KEYS = {("storage", "data_dir"), ("import", "dir"), ("pipeline", "model_di
 _OPTIONAL_PATH_KEYS = {("pipeline", "model_dir")}
 _AE_CHARS = re.compile(r"^[\x20-\x7e]*$")
 CHANGED_CONTENT_POLICIES = ("keep_newest", "keep_first", "reject")
+RECEIVER_ENGINES = ("fast", "pynetdicom")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -235,6 +236,8 @@ def validate(settings: Settings, *, check_dirs: bool = True) -> None:
         raise ConfigError(
             f"receiver.on_changed_content {r.on_changed_content!r} is unknown; use one of {', '.join(CHANGED_CONTENT_POLICIES)}"
         )
+    if r.engine not in RECEIVER_ENGINES:
+        raise ConfigError(f"receiver.engine {r.engine!r} is unknown; use one of {', '.join(RECEIVER_ENGINES)}")
     if not r.accept_any_caller and not r.allowed_callers:
         # Valid, but nobody can send: say so at load time rather than at the first rejection.
         pass

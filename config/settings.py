@@ -35,6 +35,7 @@ class ReceiverSettings:
     acse_timeout_seconds: float = 30.0
     dimse_timeout_seconds: float = 60.0
     network_timeout_seconds: float = 60.0
+    engine: str = "fast"
 
 
 @dataclass(frozen=True, slots=True)

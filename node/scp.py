@@ -173,7 +173,6 @@ class EdgeAssociation(Association):
             self._log_summary()
 
     def _log_summary(self) -> None:
-        s = self.edge_stats
         if self.is_rejected:
             outcome = "rejected"
         elif self.is_released:
@@ -183,12 +182,27 @@ class EdgeAssociation(Association):
         else:
             outcome = "closed"
         peer = self.requestor.address_info
-        log.info(
-            "event=association calling_ae=%s peer=%s:%s instances=%d failures=%d bytes=%d seconds=%.3f outcome=%s%s",
-            (self.requestor.ae_title or "").strip() or "-", peer.address if peer else "-", peer.port if peer else "-",
-            s.instances, s.failures, s.bytes, time.monotonic() - s.started, outcome,
-            f" reason={self.edge_reject_reason}" if self.edge_reject_reason else "",
-        )
+        log_association((self.requestor.ae_title or "").strip(), peer.address if peer else "",
+                        peer.port if peer else None, self.edge_stats, outcome, self.edge_reject_reason)
+
+
+def log_association(calling_ae_title: str, peer_host: str, peer_port: int | None, stats: AssociationStats,
+                    outcome: str, reason: str = "") -> None:
+    """The one ``event=association`` line every association ends with (both engines; no patient data).
+
+    Parameters
+    ----------
+    outcome
+        ``released``, ``aborted``, ``rejected`` or ``closed`` (the peer went away without either).
+    reason
+        Why it was rejected or aborted (empty: not written).
+    """
+    log.info(
+        "event=association calling_ae=%s peer=%s:%s instances=%d failures=%d bytes=%d seconds=%.3f outcome=%s%s",
+        calling_ae_title or "-", peer_host or "-", peer_port if peer_port is not None else "-",
+        stats.instances, stats.failures, stats.bytes, time.monotonic() - stats.started, outcome,
+        f" reason={reason}" if reason else "",
+    )
 
 
 class EdgeRequestHandler(RequestHandler):
@@ -329,6 +343,16 @@ def build_ae(settings: Settings) -> Any:
     return ae
 
 
+def admit(settings: Settings, slots: Slots, calling_ae_title: str, called_ae_title: str,
+          peer_host: str) -> RejectDecision | None:
+    """`decide_admission`, then take a ``max_associations`` slot: ``None`` = admitted (the caller now
+    holds a slot and must release it when the association ends), else the reject to send."""
+    decision = decide_admission(settings, calling_ae_title, called_ae_title, peer_host)
+    if decision is None and not slots.acquire(False):
+        decision = RejectDecision(0x02, 0x03, 0x02, "max_associations_reached")
+    return decision
+
+
 def _handle_requested(event: Any, settings: Settings, slots: Slots) -> None:
     """EVT_REQUESTED: admit or reject before negotiation (notification handler; never raises out)."""
     assoc = event.assoc
@@ -337,9 +361,7 @@ def _handle_requested(event: Any, settings: Settings, slots: Slots) -> None:
     called = (rq.called_ae_title or "").strip()
     peer = assoc.requestor.address_info.address if assoc.requestor.address_info else ""
     assoc.requestor.ae_title = calling  # for the association log line, also when rejected
-    decision = decide_admission(settings, calling, called, peer)
-    if decision is None and not slots.acquire(False):
-        decision = RejectDecision(0x02, 0x03, 0x02, "max_associations_reached")
+    decision = admit(settings, slots, calling, called, peer)
     if decision is None:
         if isinstance(assoc, EdgeAssociation):
             assoc.edge_slots = slots
@@ -371,12 +393,22 @@ class RunningScp:
         self.thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def start_scp(settings: Settings, listen_socket: socket.socket, sink: ReceivedFileSink, slots: Slots) -> RunningScp:
-    """Serve C-ECHO and C-STORE on ``listen_socket`` in a background thread of this process."""
+def start_scp(settings: Settings, listen_socket: socket.socket, sink: ReceivedFileSink,
+              slots: Slots) -> RunningScp | Any:
+    """Serve C-ECHO and C-STORE on ``listen_socket`` in background threads of this process.
+
+    ``receiver.engine`` picks the receive engine: ``fast`` (`node.ul`, the default) or ``pynetdicom``
+    (pynetdicom's own association machinery, the fallback). Either result has ``port`` and
+    ``stop(timeout)``.
+    """
     s = settings.storage
     spool = Spool(s.data_dir, fsync=s.fsync, min_free_mb=s.min_free_mb,
                   on_changed_content=settings.receiver.on_changed_content)
     receiver = Receiver(spool, sink)
+    if settings.receiver.engine == "fast":
+        from node.ul import start_fast_scp  # local: node.ul imports this module
+
+        return start_fast_scp(settings, listen_socket, receiver, slots)
     tune_pynetdicom_polling()
     ae = build_ae(settings)
     handlers = [
