@@ -38,6 +38,14 @@ from models.metrics import DetectionResult, TrueNodule, dice, match_detections, 
 logger = logging.getLogger(__name__)
 
 EVALUATION_SEED_BASE = 30_000
+STRESS_SEED_BASE = 40_000
+#: Acquisitions the generator never produces, applied to held-out phantoms after generation: the
+#: model must hold up on CT that does not look exactly like its training data.
+PERTURBATIONS: dict[str, str] = {
+    "miscalibrated": "HU x 1.05 + 40 (scanner calibration drift)",
+    "low_dose": "extra white noise, sigma 60 HU (beyond the 10-40 HU of training)",
+    "soft_kernel": "Gaussian blur, sigma 1.5 mm in every direction (smoother than any training kernel)",
+}
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "chest_ct_nodules"
 CARD_BEGIN, CARD_END = "<!-- metrics:begin -->", "<!-- metrics:end -->"
 
@@ -61,8 +69,21 @@ def evaluation_shape(seed: int) -> tuple[int, int, int]:
     return (slices, matrix, matrix)
 
 
-def evaluate_case(seed: int, bundle: Path) -> dict[str, CaseScore]:
-    """Generate the held-out phantom of ``seed`` and score the CNN and the baseline on it."""
+def perturb(hu: np.ndarray, name: str, spacing_zyx_mm: Sequence[float], seed: int) -> np.ndarray:
+    """Apply one of `PERTURBATIONS` to a float HU volume (deterministic per seed)."""
+    from scipy import ndimage
+
+    if name == "miscalibrated":
+        return hu * 1.05 + 40.0
+    if name == "low_dose":
+        return hu + np.random.default_rng([seed, 60]).normal(0.0, 60.0, hu.shape).astype(np.float32)
+    if name == "soft_kernel":
+        return ndimage.gaussian_filter(hu, [1.5 / max(s, 1e-3) for s in spacing_zyx_mm])
+    raise ValueError(f"unknown perturbation {name!r}; known: {', '.join(PERTURBATIONS)}")
+
+
+def evaluate_case(seed: int, bundle: Path, perturbation: str | None = None) -> dict[str, CaseScore]:
+    """Generate the held-out phantom of ``seed`` (optionally perturbed) and score the CNN and the baseline."""
     from models.loader import load_model, resolve_device
     from models.phantoms import generate_phantom
     from models.spec import load_spec
@@ -72,6 +93,9 @@ def evaluate_case(seed: int, bundle: Path) -> dict[str, CaseScore]:
 
     phantom = generate_phantom(seed, shape_zyx=evaluation_shape(seed))
     volume = Volume(phantom.hu_zyx.astype(np.float32), phantom.affine_lps)
+    if perturbation is not None:
+        volume = volume.with_array(perturb(volume.array_zyx, perturbation, volume.spacing_mm, seed)
+                                   .astype(np.float32))
     truth_lung = phantom.labels_zyx >= 1
     truth_nodule = phantom.labels_zyx == 2
     nodules = [TrueNodule(tuple(n.center_zyx_vox), n.diameter_mm) for n in phantom.nodules]  # type: ignore[arg-type]
@@ -150,6 +174,11 @@ def write_card(card: Path, report: dict[str, Any]) -> None:
     block = (f"{CARD_BEGIN}\n{report['cases']} held-out phantoms (seeds {report['seeds'][0]}–{report['seeds'][-1]}), "
              f"{report['nodules']} nodules, {report['scans_with_nodules']} scans with nodules; "
              f"`make evaluate` ({report['minutes']} min on {report['device']}).\n\n{format_table(report)}\n")
+    if "stress" in report:
+        stress = report["stress"]
+        block += (f"\nRobustness: {stress['cases']} further held-out phantoms (seeds {stress['seeds'][0]}–"
+                  f"{stress['seeds'][-1]}) under acquisitions the generator never produces "
+                  f"({stress['minutes']} min):\n\n{format_stress_table(stress)}\n")
     card.write_text(text[:begin] + block + text[end:], encoding="utf-8")
 
 
@@ -176,11 +205,42 @@ def evaluate(bundle: Path, cases: int, workers: int) -> dict[str, Any]:
     return report
 
 
+def evaluate_stress(bundle: Path, cases: int, workers: int) -> dict[str, Any]:
+    """Each perturbation of `PERTURBATIONS` on ``cases`` other held-out phantoms: CNN and baseline."""
+    seeds = [STRESS_SEED_BASE + i for i in range(cases)]
+    jobs = [(seed, name) for name in PERTURBATIONS for seed in seeds]
+    report: dict[str, Any] = {"cases": cases, "seeds": seeds, "perturbations": dict(PERTURBATIONS)}
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(evaluate_case, [s for s, _ in jobs], [bundle] * len(jobs), [n for _, n in jobs]))
+    for name in PERTURBATIONS:
+        chosen = [r for (_, n), r in zip(jobs, results) if n == name]
+        report[name] = {"cnn": summarize([r["cnn"] for r in chosen]),
+                        "baseline": summarize([r["baseline"] for r in chosen])}
+    report["minutes"] = round((time.perf_counter() - started) / 60.0, 1)
+    return report
+
+
+def format_stress_table(stress: dict[str, Any]) -> str:
+    """A Markdown table: one row per perturbation, CNN / baseline per metric."""
+    lines = ["| Perturbation | Lung Dice (CNN / baseline) | Nodule Dice | Sensitivity ≥ 6 mm | FP per scan |",
+             "|---|---|---|---|---|"]
+    for name, what in stress["perturbations"].items():
+        c, b = stress[name]["cnn"], stress[name]["baseline"]
+        lines.append(f"| {name}: {what} | {_fmt(c['lung_dice'])} / {_fmt(b['lung_dice'])} | "
+                     f"{_fmt(c['nodule_dice'])} / {_fmt(b['nodule_dice'])} | "
+                     f"{_fmt(c['sensitivity']['>=6mm']['value'])} / {_fmt(b['sensitivity']['>=6mm']['value'])} | "
+                     f"{_fmt(c['false_positives_per_scan'])} / {_fmt(b['false_positives_per_scan'])} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--cases", type=int, default=50, help="held-out phantoms (default 50)")
     parser.add_argument("--workers", type=int, default=2, help="processes (each runs one case)")
+    parser.add_argument("--stress-cases", type=int, default=10,
+                        help="phantoms per perturbation in the robustness table (0: skip it)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     parser.add_argument("--write-card", action="store_true", help="write the table into the bundle's README.md")
     args = parser.parse_args(argv)
@@ -189,7 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // max(1, args.workers)))
     report = evaluate(args.bundle, args.cases, args.workers)
+    if args.stress_cases > 0:
+        report["stress"] = evaluate_stress(args.bundle, args.stress_cases, args.workers)
     print(format_table(report))
+    if "stress" in report:
+        print()
+        print(format_stress_table(report["stress"]))
     out = args.json or (args.bundle / "evaluation.json")
     out.write_text(json.dumps(report, indent=2, default=float) + "\n")
     if args.write_card:
