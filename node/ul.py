@@ -52,6 +52,9 @@ A_ABORT_TYPE = 0x07
 
 #: Largest A-ASSOCIATE-RQ read: 128 contexts × 12 transfer syntaxes are about 45 KiB.
 MAX_ASSOCIATE_RQ_BYTES = 1 << 20
+#: After an A-ABORT: how long and how much of the peer's in-flight data we read before closing.
+ABORT_LINGER_SECONDS = 0.5
+ABORT_DRAIN_BYTES = 8 << 20
 #: Upper bound on a P-DATA-TF body when ``receiver.max_pdu_bytes = 0`` (unlimited) was announced.
 UNLIMITED_PDU_BYTES = (1 << 32) - 1
 
@@ -242,8 +245,18 @@ class UpperLayerAssociation:
         log.warning("event=association_aborted calling_ae=%s peer=%s reason=%s", self.calling_ae_title or "-",
                     self.peer_host or "-", reason)
         try:
-            self.sock.settimeout(1.0)
+            self.sock.settimeout(ABORT_LINGER_SECONDS)
             self.sock.sendall(_abort_pdu(provider_reason))
+            # Close gracefully: closing with unread bytes would send a TCP reset, which can destroy
+            # the A-ABORT before the peer reads it. Read what is in flight (bounded), then close.
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + ABORT_LINGER_SECONDS
+            drained = 0
+            while drained < ABORT_DRAIN_BYTES and time.monotonic() < deadline:
+                n = self.sock.recv_into(self._buffer)
+                if n == 0:
+                    break
+                drained += n
         except OSError:
             pass
 
