@@ -6,7 +6,8 @@ tmpfs costs nothing), and then, in the same run, sends it over loopback (127.0.0
 receiver, each started by the bench with its own fresh storage folder for every run:
 
 * edge-node: ``edge-node serve`` with a generated config (own ``data_dir``, ``fsync = true``, the
-  bench's AE title in ``allowed_callers``, the analysis worker off so only ingest is measured);
+  bench's AE title in ``allowed_callers``, the analysis worker off so only ingest is measured;
+  ``--engine`` picks ``receiver.engine``, default ``fast``);
 * DCMTK ``storescp --fork`` (no fsync: the ceiling a plain C++ receiver reaches);
 * Orthanc with its own JSON config (own storage and index folder, ``StorageCompression false``,
   ``SyncStorageArea true`` which makes Orthanc fsync every stored file, any AE allowed to store).
@@ -219,8 +220,9 @@ class EdgeNode(Receiver):
     name = "edge-node"
     ae_title = "EDGE_NODE"
 
-    def __init__(self, pdu_bytes: int):
+    def __init__(self, pdu_bytes: int, engine: str = "fast"):
         self.pdu_bytes = pdu_bytes
+        self.engine = engine
         self.proc: Process | None = None
         self.config: Path | None = None
 
@@ -234,7 +236,8 @@ class EdgeNode(Receiver):
         return [sys.executable, "-m", "node.cli"]
 
     def describe(self) -> str:
-        return f"edge-node serve (fsync on, max PDU {self.pdu_bytes}, analysis worker off)"
+        return (f"edge-node serve (engine {self.engine}, fsync on, max PDU {self.pdu_bytes}, "
+                "analysis worker off)")
 
     def start(self, folder: Path) -> int:
         data_dir = folder / "var"
@@ -247,6 +250,7 @@ class EdgeNode(Receiver):
             "port = 0\n"
             f'allowed_callers = [ {{ ae_title = "{BENCH_AE}" }} ]\n'
             f"max_pdu_bytes = {self.pdu_bytes}\n"
+            f'engine = "{self.engine}"\n'
             "[storage]\n"
             f'data_dir = "{data_dir}"\n'
             "fsync = true\n"
@@ -515,6 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="max PDU bytes every receiver and sender negotiates (default 131072)")
     parser.add_argument("--receivers", default="edge-node,storescp,orthanc",
                         help="comma-separated subset of edge-node,storescp,orthanc")
+    parser.add_argument("--engine", choices=("fast", "pynetdicom"), default="fast",
+                        help="edge-node's receiver.engine (default fast)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_OUT.parent,
                         help="folder for the series and the receivers' storage, removed afterwards; put it on the "
@@ -528,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in names if n not in factories]
     if unknown or not names:
         parser.error(f"unknown receiver(s) {unknown}; choose from {', '.join(factories)}")
-    receivers: list[Receiver] = [factories[n](args.pdu) for n in names]
+    receivers: list[Receiver] = [EdgeNode(args.pdu, args.engine) if n == "edge-node" else factories[n](args.pdu)
+                                 for n in names]
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
