@@ -2,8 +2,9 @@
 
 Start-up, in this order: prepare the spool folders, migrate the index, reconcile it with the spool
 (nothing is accepted before that), bind the listening socket (port 0 = a free port), fork
-``receiver.processes`` SCP processes (0 = two per CPU core, see `receiver_process_count`) that share the socket, the bounded queue to
-the indexer and the ``max_associations`` semaphore, then start the indexer and scheduler threads here
+``receiver.processes`` SCP processes (0 = two per CPU core, see `receiver_process_count`; each runs
+the receive engine ``receiver.engine`` names, see `node.scp.start_scp`) that share the socket, the
+bounded queue to the indexer and the ``max_associations`` semaphore, then start the indexer and scheduler threads here
 in the parent, log ``event=listening ... port=N`` and tell systemd READY. Processes are forked before
 any thread starts. A receiver process dies with the parent (PR_SET_PDEATHSIG), so a ``kill -9`` of
 ``serve`` never leaves a process holding the port; the spool makes that crash lossless.
@@ -123,7 +124,8 @@ def serve(settings: Settings) -> int:
                                 settings.import_.settle_seconds)
         watcher.start()
 
-    line = f"event=listening ae_title={r.ae_title} host={r.host} port={port} processes={len(children)}"
+    line = (f"event=listening ae_title={r.ae_title} host={r.host} port={port} processes={len(children)} "
+            f"engine={r.engine}")
     log.info(line)
     print(line, flush=True)
     notify.ready(f"listening on port {port}")

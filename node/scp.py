@@ -1,13 +1,16 @@
 """The Storage SCP: presentation contexts, association admission, and one server loop per process.
 
-One `ScpServer` runs pynetdicom's threaded server on a listening socket it is *given* (created by
-`create_listen_socket`), so `node.daemon` can pre-fork several receiver processes that accept on the
-same socket — one pynetdicom process is bound by the GIL (issue 2 item 9). Admission is decided in
-EVT_REQUESTED, before negotiation: the called AE title must be ours; the calling AE title (and the
-host, when configured) must be in ``receiver.allowed_callers`` unless ``accept_any_caller``; and a
-slot of the cross-process ``max_associations`` semaphore must be free (else a transient "local limit
-exceeded" reject). Every association ends with one key=value log line (calling AE, peer, instances,
-bytes, seconds, outcome). This module does no SQL and never imports torch.
+Two receive engines share everything here but the protocol machinery (``receiver.engine``): ``fast``
+(`node.ul`, the default: a blocking upper layer, one thread per association) and ``pynetdicom``
+(pynetdicom's threaded `AssociationServer` with `EdgeAssociation`, the fallback). Either runs on a
+listening socket it is *given* (created by `create_listen_socket`), so `node.daemon` can pre-fork
+several receiver processes that accept on the same socket — one Python process is bound by the GIL
+(issue 2 item 9). Admission (`admit`) is decided before negotiation: the called AE title must be ours;
+the calling AE title (and the host, when configured) must be in ``receiver.allowed_callers`` unless
+``accept_any_caller``; and a slot of the cross-process ``max_associations`` semaphore must be free
+(else a transient "local limit exceeded" reject). Every association ends with one key=value log line
+(`log_association`: calling AE, peer, instances, failures, bytes, seconds, outcome). This module does
+no SQL and never imports torch.
 """
 
 from __future__ import annotations
