@@ -323,7 +323,17 @@ class UpperLayerAssociation:
         dataset: bytearray | None = None  # file meta + dataset fragments (C-STORE), else None
         meta_length = 0
         context_id = -1
+        r = self.server.settings.receiver
+        # Between messages the peer may stay silent up to network_timeout_seconds; once a message has
+        # begun, each further PDU must come within dimse_timeout_seconds.
+        idle_timeout = r.network_timeout_seconds
+        message_timeout = min(r.dimse_timeout_seconds, r.network_timeout_seconds)
+        current_timeout = idle_timeout
         while True:
+            wanted = message_timeout if (context_id != -1 or command) else idle_timeout
+            if wanted != current_timeout:
+                self.sock.settimeout(wanted)
+                current_timeout = wanted
             pdu_type, body = self._read_pdu(self.max_pdu_bytes)
             if pdu_type == A_RELEASE_RQ_TYPE:
                 if elements is not None or command:
