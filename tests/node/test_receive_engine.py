@@ -282,3 +282,16 @@ def test_dcmtk_storescu_with_many_contexts_compressed_and_uncompressed_is_stored
         source = pydicom.dcmread(path)
         assert stored.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID, path.name
         assert stored.get("PixelData") == source.get("PixelData"), path.name
+
+
+def test_silent_peer_is_aborted_after_network_timeout_and_frees_its_slot(node_factory, caplog):
+    node = node_factory(scheduler=False, receiver={"network_timeout_seconds": 0.5, "max_associations": 1})
+    with caplog.at_level(logging.INFO, logger="node"):
+        _, sock = _raw_associate(node.port)
+        try:
+            pdu_type, body = _read_pdu(sock)  # we say nothing: the node aborts
+            assert pdu_type == 0x07 and body[2] == 0x02
+        finally:
+            sock.close()
+        wait_for(lambda: "outcome=aborted reason=timeout" in caplog.text, what="the association log line")
+    assert associate_result(node.port)[0]
