@@ -52,6 +52,8 @@ A_ABORT_TYPE = 0x07
 
 #: Largest A-ASSOCIATE-RQ read: 128 contexts × 12 transfer syntaxes are about 45 KiB.
 MAX_ASSOCIATE_RQ_BYTES = 1 << 20
+#: How long a process already serving associations waits before taking a new connection, per association.
+ACCEPT_DEFER_SECONDS = 0.002
 #: After an A-ABORT: how long and how much of the peer's in-flight data we read before closing.
 ABORT_LINGER_SECONDS = 0.5
 ABORT_DRAIN_BYTES = 8 << 20
@@ -463,6 +465,11 @@ class FastScpServer:
                 continue
             if not readable:
                 continue
+            busy = len(self._threads)
+            if busy:
+                # Every process sharing the socket wakes up; let one without associations take it, so
+                # parallel senders spread over processes (one process is bound by the GIL).
+                self._stopping.wait(ACCEPT_DEFER_SECONDS * min(busy, 4))
             try:
                 client, address = sock.accept()
             except (BlockingIOError, InterruptedError):

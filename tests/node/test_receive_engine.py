@@ -67,9 +67,12 @@ def test_rejects_and_the_association_log_line_are_the_same_with_either_engine(no
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_small_pdus_split_datasets_over_many_fragments_and_store_byte_exact(node_factory, tmp_path, engine):
-    storescu = require_tool("storescu")
+def test_dcmtk_echo_and_small_pdus_over_many_fragments_store_byte_exact(node_factory, tmp_path, engine):
+    storescu, echoscu = require_tool("storescu"), require_tool("echoscu")
     node = node_factory(sub=engine, scheduler=False, receiver={"engine": engine, "max_pdu_bytes": 4096})
+    echo = subprocess.run([echoscu, "-aet", "ECHOSCU", "-aec", "EDGE_NODE", "127.0.0.1", str(node.port)],
+                          env=tool_env(), capture_output=True, text=True, timeout=30)
+    assert echo.returncode == 0, echo.stderr
     [path] = write_datasets(make_series(1, size=128), tmp_path / f"src-{engine}")
     out = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "EDGE_NODE", "--max-pdu", "4096", "127.0.0.1",
                           str(node.port), str(path)], env=tool_env(), capture_output=True, text=True, timeout=30)
