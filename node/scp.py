@@ -396,8 +396,17 @@ class RunningScp:
         self.thread.join(max(0.0, deadline - time.monotonic()))
 
 
+class RunningServer(Protocol):
+    """What `start_scp` returns, whichever engine: the port, and `stop` that drains in-flight associations."""
+
+    @property
+    def port(self) -> int: ...
+
+    def stop(self, timeout: float = ...) -> None: ...
+
+
 def start_scp(settings: Settings, listen_socket: socket.socket, sink: ReceivedFileSink,
-              slots: Slots) -> RunningScp | Any:
+              slots: Slots) -> RunningServer:
     """Serve C-ECHO and C-STORE on ``listen_socket`` in background threads of this process.
 
     ``receiver.engine`` picks the receive engine: ``fast`` (`node.ul`, the default) or ``pynetdicom``
