@@ -298,3 +298,60 @@ def test_silent_peer_is_aborted_after_network_timeout_and_frees_its_slot(node_fa
             sock.close()
         wait_for(lambda: "outcome=aborted reason=timeout" in caplog.text, what="the association log line")
     assert associate_result(node.port)[0]
+
+
+def _associate_rq_with_roles_and_rejected_contexts() -> bytes:
+    from pynetdicom._globals import APPLICATION_CONTEXT_NAME
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import (
+        A_ASSOCIATE,
+        AsynchronousOperationsWindowNegotiation,
+        ImplementationClassUIDNotification,
+        MaximumLengthNotification,
+        SCP_SCU_RoleSelectionNegotiation,
+    )
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = APPLICATION_CONTEXT_NAME
+    primitive.calling_ae_title = SCU_AE
+    primitive.called_ae_title = "EDGE_NODE"
+    proposals = [
+        ("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2"]),
+        (VERIFICATION, ["1.2.840.10008.1.2"]),
+        ("1.2.3.4", ["1.2.840.10008.1.2"]),  # not a storage SOP class
+        ("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1.99"]),  # deflate only
+    ]
+    contexts = []
+    for i, (uid, syntaxes) in enumerate(proposals):
+        cx = build_context(uid, syntaxes)
+        cx.context_id = 2 * i + 1
+        contexts.append(cx)
+    primitive.presentation_context_definition_list = contexts
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    class_uid = ImplementationClassUIDNotification()
+    class_uid.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
+    role = SCP_SCU_RoleSelectionNegotiation()
+    role.sop_class_uid = "1.2.840.10008.5.1.4.1.1.2"
+    role.scu_role = role.scp_role = True
+    window = AsynchronousOperationsWindowNegotiation()
+    window.maximum_number_operations_invoked = window.maximum_number_operations_performed = 5
+    primitive.user_information = [max_length, class_uid, role, window]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def test_associate_ac_is_byte_identical_with_either_engine(node_factory):
+    answers = {}
+    for engine in ENGINES:
+        node = node_factory(sub=f"ac-{engine}", scheduler=False, receiver={"engine": engine})
+        sock = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+        try:
+            sock.sendall(_associate_rq_with_roles_and_rejected_contexts())
+            answers[engine] = _read_pdu(sock)
+        finally:
+            _raw_release(sock)
+    assert answers["fast"][0] == 0x02
+    assert answers["fast"] == answers["pynetdicom"]
