@@ -355,3 +355,30 @@ def test_associate_ac_is_byte_identical_with_either_engine(node_factory):
             _raw_release(sock)
     assert answers["fast"][0] == 0x02
     assert answers["fast"] == answers["pynetdicom"]
+
+
+def test_c_echo_and_c_store_responses_are_byte_identical_with_either_engine(node_factory):
+    from pynetdicom.dsutils import encode
+
+    ds = make_ct(generate_uid(), generate_uid(), 0, size=16)
+    dataset = encode(ds, True, True)  # Implicit VR Little Endian, as the context below
+    sop_uid = ds.SOPInstanceUID.encode() + (b"\x00" if len(ds.SOPInstanceUID) % 2 else b"")
+    echo = _command([(0x0002, b"1.2.840.10008.1.1\x00"), (0x0100, struct.pack("<H", 0x0030)),
+                     (0x0110, struct.pack("<H", 7)), (0x0800, struct.pack("<H", 0x0101))])
+    store = _command([(0x0002, b"1.2.840.10008.5.1.4.1.1.2\x00"), (0x0100, struct.pack("<H", 0x0001)),
+                      (0x0110, struct.pack("<H", 8)), (0x0700, b"\x00\x00"), (0x0800, b"\x00\x00"), (0x1000, sop_uid)])
+    answers = {}
+    for engine in ENGINES:
+        node = node_factory(sub=f"rsp-{engine}", scheduler=False, receiver={"engine": engine})
+        _, sock = _raw_associate(node.port, contexts=(VERIFICATION, "1.2.840.10008.5.1.4.1.1.2"))
+        try:
+            sock.sendall(_p_data(1, 0x03, echo))
+            echo_rsp = _read_pdu(sock)
+            sock.sendall(_p_data(3, 0x03, store) + _p_data(3, 0x02, dataset))
+            answers[engine] = (echo_rsp, _read_pdu(sock))
+        finally:
+            _raw_release(sock)
+    from node.ul import parse_command
+
+    assert parse_command(answers["fast"][1][1][6:])[0x0900] == b"\x00\x00"  # stored
+    assert answers["fast"] == answers["pynetdicom"]
