@@ -457,11 +457,16 @@ class FastScpServer:
     def serve_forever(self) -> None:
         """Accept until `shutdown`; a connection another process took is skipped."""
         sock = self.listen_socket
+        poller = select.poll()  # not select(): no limit on the descriptor number
+        poller.register(sock, select.POLLIN)
         while not self._stopping.is_set():
             try:
-                readable, _, _ = select.select([sock], [], [], 0.2)
-            except (OSError, ValueError):  # closed or shut down under us
+                readable = poller.poll(200)
+            except OSError:
                 self._stopping.wait(0.2)
+                continue
+            if any(mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, mask in readable):
+                self._stopping.wait(0.2)  # shut down under us (daemon stopping): wait for shutdown()
                 continue
             if not readable:
                 continue
