@@ -182,6 +182,17 @@ class UpperLayerAssociation:
         self._buffer = bytearray(min(self.max_pdu_bytes, 1 << 20))
 
     # -- reading ---------------------------------------------------------------------------------
+    def _set_timeout(self, seconds: float) -> None:
+        """Kernel receive/send timeouts on the blocking socket (expiry raises BlockingIOError).
+
+        Not `socket.settimeout`: with a Python-level timeout every ``recv_into`` is preceded by a
+        ``poll`` system call, about 15 extra calls per 512 KiB instance.
+        """
+        whole = int(seconds)
+        timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
     def _recv_exact(self, view: memoryview, n: int) -> None:
         got = 0
         recv_into = self.sock.recv_into
@@ -213,13 +224,14 @@ class UpperLayerAssociation:
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-            self.sock.settimeout(r.acse_timeout_seconds)
+            self.sock.settimeout(None)
+            self._set_timeout(r.acse_timeout_seconds)
             if self._establish():
-                self.sock.settimeout(r.network_timeout_seconds)
+                self._set_timeout(r.network_timeout_seconds)
                 self._data_phase()
         except ProtocolError as exc:
             self._abort(exc.reason, exc.provider_reason)
-        except socket.timeout:
+        except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO/SO_SNDTIMEO expired
             self._abort("timeout", 0x00)
         except PeerClosed:
             pass  # outcome stays "closed" (or what was set before)
@@ -334,7 +346,7 @@ class UpperLayerAssociation:
         while True:
             wanted = message_timeout if (context_id != -1 or command) else idle_timeout
             if wanted != current_timeout:
-                self.sock.settimeout(wanted)
+                self._set_timeout(wanted)
                 current_timeout = wanted
             pdu_type, body = self._read_pdu(self.max_pdu_bytes)
             if pdu_type == A_RELEASE_RQ_TYPE:
