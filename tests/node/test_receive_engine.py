@@ -382,3 +382,27 @@ def test_c_echo_and_c_store_responses_are_byte_identical_with_either_engine(node
 
     assert parse_command(answers["fast"][1][1][6:])[0x0900] == b"\x00\x00"  # stored
     assert answers["fast"] == answers["pynetdicom"]
+
+
+def test_random_bytes_after_association_never_take_the_process_down(node):
+    import random
+
+    rng = random.Random(20261121)
+    for _ in range(25):
+        _, sock = _raw_associate(node.port)
+        try:
+            kind = rng.choice((0x04, 0x04, 0x04, 0x05, 0x07, rng.randrange(256)))
+            body = rng.randbytes(rng.randrange(0, 64))
+            if kind == 0x04 and rng.random() < 0.7:  # a plausible PDV header with random content
+                body = struct.pack(">IBB", len(body) + 2, 1, rng.randrange(4)) + body
+            sock.sendall(struct.pack(">BxI", kind, len(body)) + body)
+            sock.shutdown(socket.SHUT_WR)  # whatever the node waits for next, it gets end of stream
+            sock.settimeout(5)
+            try:
+                while sock.recv(4096):
+                    pass
+            except OSError:
+                pass
+        finally:
+            sock.close()
+    assert send(node.port, make_series(1)) == [0x0000]
