@@ -58,8 +58,8 @@ class TrainSettings:
     patch_zyx: tuple[int, int, int] = (32, 80, 80)
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
-    nodule_patch_fraction: float = 0.6
-    nodule_class_weight: float = 4.0
+    nodule_patch_fraction: float = 0.7
+    nodule_class_weight: float = 15.0
     resume: Path | None = None
     seed: int = 20261121
     threads: int = 0
@@ -209,8 +209,14 @@ def batches(cases: Sequence[Case], settings: TrainSettings, rng: np.random.Gener
 # ------------------------------------------------------------------------------------------ training
 
 
-def soft_dice_loss(logits: Any, target: Any, classes: Sequence[int]) -> Any:
-    """1 − mean soft Dice over ``classes`` (batch-pooled, so patches without a class do not explode)."""
+def soft_dice_loss(logits: Any, target: Any, classes: Sequence[int], per_sample: Sequence[int] = ()) -> Any:
+    """1 − mean soft Dice over ``classes``.
+
+    Batch-pooled by default, so patches without a class do not explode. Classes in ``per_sample`` (small
+    structures: nodules) are scored per patch over the patches that hold the class, plus the pooled
+    term for the rest: a 4 mm nodule in one patch then weighs as much as a 25 mm one in another,
+    instead of vanishing in the batch's sum.
+    """
     import torch
 
     probabilities = torch.softmax(logits, dim=1)
@@ -219,7 +225,15 @@ def soft_dice_loss(logits: Any, target: Any, classes: Sequence[int]) -> Any:
         p = probabilities[:, c]
         t = (target == c).float()
         intersection = (p * t).sum()
-        losses.append(1.0 - (2.0 * intersection + 1.0) / (p.sum() + t.sum() + 1.0))
+        pooled = 1.0 - (2.0 * intersection + 1.0) / (p.sum() + t.sum() + 1.0)
+        if c in per_sample:
+            dims = tuple(range(1, p.dim()))
+            present = t.sum(dims) > 0
+            if bool(present.any()):
+                inter = (p * t).sum(dims)[present]
+                each = 1.0 - (2.0 * inter + 1.0) / (p.sum(dims)[present] + t.sum(dims)[present] + 1.0)
+                pooled = 0.5 * pooled + 0.5 * each.mean()
+        losses.append(pooled)
     return torch.stack(losses).mean()
 
 
@@ -336,7 +350,7 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     seg, cls = network(x)
                 seg = seg.float()
-                loss = F.cross_entropy(seg, y, weight=class_weights) + soft_dice_loss(seg, y, (LUNG, NODULE))
+                loss = F.cross_entropy(seg, y, weight=class_weights) + soft_dice_loss(seg, y, (LUNG, NODULE), per_sample=(NODULE,))
                 if cls is not None:
                     patch_positive = (y == NODULE).flatten(1).sum(1).ge(8).float().unsqueeze(1)
                     loss = loss + 0.5 * F.binary_cross_entropy_with_logits(cls.float(), patch_positive)

@@ -1,0 +1,89 @@
+"""`make train`: losses, patch sampling, precision choice, and a tiny run that installs loadable weights."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from models.loader import load_model, sha256_file
+from models.spec import load_spec
+from models.train import Case, TrainSettings, mixed_precision, sample_patch, soft_dice_loss, train
+
+BUNDLE = Path(models.__file__).parent / "chest_ct_nodules"
+
+
+def _logits_for(target: torch.Tensor, confidence: float = 30.0) -> torch.Tensor:
+    return torch.nn.functional.one_hot(target, 3).permute(0, 4, 1, 2, 3).float() * confidence
+
+
+def test_dice_loss_is_near_zero_for_a_perfect_prediction_and_high_when_the_nodule_is_missed() -> None:
+    target = torch.zeros((2, 8, 16, 16), dtype=torch.long)
+    target[:, 2:6] = 1
+    target[0, 3:5, 4:6, 4:6] = 2  # a small nodule in the first patch only
+    perfect = soft_dice_loss(_logits_for(target), target, (1, 2), per_sample=(2,))
+    missed = target.clone()
+    missed[target == 2] = 1
+    worse = soft_dice_loss(_logits_for(missed), target, (1, 2), per_sample=(2,))
+    assert float(perfect) < 0.01
+    assert float(worse) > 0.4  # the nodule term alone is ~1: its mean over two classes ~0.5
+
+
+def test_per_sample_dice_weighs_a_small_nodule_like_a_large_one() -> None:
+    target = torch.zeros((2, 8, 16, 16), dtype=torch.long)
+    target[0, 1:7, 2:14, 2:14] = 2  # large nodule, found
+    target[1, 4:6, 8:10, 8:10] = 2  # eight-voxel nodule, missed
+    prediction = target.clone()
+    prediction[1][target[1] == 2] = 0
+    pooled = soft_dice_loss(_logits_for(prediction), target, (2,))
+    per_sample = soft_dice_loss(_logits_for(prediction), target, (2,), per_sample=(2,))
+    assert float(pooled) < 0.02 < 0.15 < float(per_sample)
+
+
+def test_patches_keep_image_and_labels_aligned_under_augmentation() -> None:
+    image = np.zeros((40, 90, 90), dtype=np.float32)
+    labels = np.zeros(image.shape, dtype=np.uint8)
+    labels[10:30, 20:70, 20:70] = 1
+    labels[18:22, 43:47, 43:47] = 2
+    image[labels == 1] = 0.2
+    image[labels == 2] = 0.9
+    case = Case(1, image, labels, ((20, 45, 45),))
+    rng = np.random.default_rng(3)
+    for _ in range(6):
+        patch, patch_labels = sample_patch(case, (16, 32, 32), rng, nodule_fraction=1.0)
+        assert patch.shape == patch_labels.shape == (16, 32, 32) and patch.dtype == np.float32
+        assert (patch_labels == 2).any()
+        # intensity augmentation is at most ±10 % and ±0.05 plus a little noise
+        assert float(np.median(patch[patch_labels == 2])) > 0.6 > float(np.median(patch[patch_labels == 1]))
+
+
+def test_precision_choice() -> None:
+    cpu = torch.device("cpu")
+    assert mixed_precision("bf16", cpu) and not mixed_precision("fp32", cpu)
+    assert mixed_precision("auto", torch.device("cuda")) is True
+    assert isinstance(mixed_precision("auto", cpu), bool)
+    with pytest.raises(ValueError, match="precision"):
+        mixed_precision("fp8", cpu)
+
+
+def test_a_tiny_training_run_installs_weights_the_registry_loads(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copy(BUNDLE / "model.toml", bundle / "model.toml")
+    settings = TrainSettings(train_cases=2, validation_cases=1, minutes=5.0, max_epochs=2, steps_per_epoch=2,
+                             batch_size=1, patch_zyx=(16, 32, 32), workers=1, precision="fp32")
+    summary = train(bundle, tmp_path / "work", settings)
+    assert summary["epochs"] == 2 and summary["best_epoch"] in (1, 2)
+    spec = load_spec(bundle)
+    assert sha256_file(spec.weights_path) == spec.weights.sha256 != "0" * 64
+    load_model(spec, "cpu")  # verifies the sha256 and the state dict against the architecture
+    with open(bundle / "training_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and all(float(r["train_loss"]) > 0 for r in rows)
+    assert json.loads((bundle / "training_summary.json").read_text())["train_cases"] == 2
