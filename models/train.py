@@ -53,12 +53,12 @@ class TrainSettings:
     validation_cases: int = 6
     minutes: float = 55.0
     max_epochs: int = 400
-    steps_per_epoch: int = 100
-    batch_size: int = 4
-    patch_zyx: tuple[int, int, int] = (32, 80, 80)
+    steps_per_epoch: int = 150
+    batch_size: int = 8
+    patch_zyx: tuple[int, int, int] = (24, 48, 48)
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
-    nodule_patch_fraction: float = 0.7
+    nodule_patch_fraction: float = 0.8
     nodule_class_weight: float = 15.0
     resume: Path | None = None
     seed: int = 20261121
@@ -379,12 +379,17 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
             if time.perf_counter() + per_epoch > deadline:
                 break
     install_weights(bundle_dir, spec, work_dir / "best.pt")
+    network.load_state_dict(torch.load(work_dir / "best.pt", map_location=device, weights_only=True))
+    threshold, by_threshold = calibrate_finding_threshold(network, validation, spec, device)
+    if threshold is not None:
+        set_finding_threshold(bundle_dir, threshold)
     (bundle_dir / "training_log.csv").write_text(log_path.read_text())
     summary = {
         "epochs": epoch, "best_epoch": best_epoch, "minutes": round((time.perf_counter() - started) / 60, 1),
         "prepare_minutes": round(prepared_seconds / 60, 1), "train_cases": settings.train_cases,
         "validation_cases": settings.validation_cases, "settings": _jsonable(settings),
         "best": history[best_epoch - 1] if best_epoch > 0 else None,
+        "finding_threshold": threshold, "validation_nodule_dice_by_threshold": by_threshold,
     }
     (bundle_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -393,6 +398,86 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
 def _jsonable(settings: TrainSettings) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in
             ((f, getattr(settings, f)) for f in settings.__dataclass_fields__)}
+
+
+FINDING_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
+
+
+def calibrate_finding_threshold(network: Any, cases: Sequence[Case], spec: Any, device: Any = "cpu",
+                                ) -> tuple[float | None, dict[str, float]]:
+    """Pick the finding label's probability threshold that maximises nodule Dice on the validation cases.
+
+    A network trained on a rare class is often under-confident on it: the operating point is chosen
+    on validation data (never on the held-out evaluation set) among `FINDING_THRESHOLDS`, with the
+    node's own label decision (`pipeline.postprocess.plan_label_map`); ties keep the higher threshold.
+    Returns ``(None, {})`` when the manifest has no finding label or no validation case has nodules.
+    """
+    import dataclasses
+
+    import torch
+
+    from models.metrics import dice
+    from pipeline.infer import infer
+    from pipeline.postprocess import plan_label_map
+
+    finding = next((label for label in spec.labels if label.is_finding), None)
+    if finding is None:
+        return None, {}
+    network.eval()
+    per_threshold: dict[float, list[float]] = {t: [] for t in FINDING_THRESHOLDS}
+    with torch.inference_mode():
+        for case in cases:
+            if not (case.labels == finding.value).any():
+                continue
+            probabilities = infer(network, case.image[None], spec.inference, device=device).probabilities_czyx
+            for t in FINDING_THRESHOLDS:
+                labels = [dataclasses.replace(label, threshold=t) if label.value == finding.value else label
+                          for label in spec.labels]
+                label_map = plan_label_map(probabilities, labels)
+                per_threshold[t].append(dice(label_map == finding.value, case.labels == finding.value))
+    if not any(per_threshold.values()):
+        return None, {}
+    means = {t: float(np.mean(v)) for t, v in per_threshold.items()}
+    best = max(sorted(means, reverse=True), key=lambda t: means[t])
+    logger.info("event=finding_threshold_calibrated label=%s threshold=%.2f %s", finding.name, best,
+                " ".join(f"dice@{t:.1f}={d:.4f}" for t, d in means.items()))
+    return best, {f"{t:.1f}": d for t, d in means.items()}
+
+
+def set_finding_threshold(bundle_dir: Path, threshold: float) -> None:
+    """Write ``threshold`` into the ``[[labels]]`` table of ``model.toml`` that has ``is_finding = true``."""
+    manifest = bundle_dir / "model.toml"
+    text = manifest.read_text()
+    tables = re.split(r"(?m)^(?=\[)", text)
+    count = 0
+    for i, table in enumerate(tables):
+        if table.startswith("[[labels]]") and re.search(r"(?m)^is_finding\s*=\s*true", table):
+            tables[i], n = re.subn(r"(?m)^threshold\s*=\s*[0-9.]+", f"threshold = {threshold:g}", table)
+            count += n
+    if count != 1:
+        raise RuntimeError(f"{manifest} has no single finding label with a threshold line to update")
+    manifest.write_text("".join(tables))
+
+
+def calibrate_installed(bundle_dir: Path, work_dir: Path, validation_cases: int, workers: int, device: str) -> int:
+    """``--calibrate-only``: calibrate the finding threshold of the weights installed in the bundle."""
+    from models.loader import load_model, resolve_device
+    from models.spec import load_spec
+
+    spec = load_spec(bundle_dir / "model.toml")
+    handle = load_model(spec, resolve_device(device))
+    seeds = [VALIDATION_SEED_BASE + i for i in range(validation_cases)]
+    validation = load_cases(seeds, bundle_dir, work_dir / "cache", workers)
+    threshold, by_threshold = calibrate_finding_threshold(handle.module, validation, spec, handle.device)
+    if threshold is not None:
+        set_finding_threshold(bundle_dir, threshold)
+        summary_path = bundle_dir / "training_summary.json"
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+            summary.update(finding_threshold=threshold, validation_nodule_dice_by_threshold=by_threshold)
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({"finding_threshold": threshold, "validation_nodule_dice_by_threshold": by_threshold}))
+    return 0
 
 
 def install_weights(bundle_dir: Path, spec: Any, checkpoint: Path) -> str:
@@ -437,8 +522,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=defaults.precision,
                         help="bf16 autocast (auto: on CUDA and CPUs with native bfloat16)")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="do not train: pick the finding threshold of the bundle's installed weights on the "
+                             "validation cases and write it into model.toml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.calibrate_only:
+        return calibrate_installed(args.bundle, args.work_dir, args.validation_cases, args.workers, args.device)
     settings = TrainSettings(minutes=args.minutes, train_cases=args.train_cases,
                              validation_cases=args.validation_cases, steps_per_epoch=args.steps_per_epoch,
                              max_epochs=args.max_epochs, batch_size=args.batch_size, threads=args.threads,

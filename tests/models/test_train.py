@@ -86,4 +86,15 @@ def test_a_tiny_training_run_installs_weights_the_registry_loads(tmp_path: Path)
     with open(bundle / "training_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2] and all(float(r["train_loss"]) > 0 for r in rows)
-    assert json.loads((bundle / "training_summary.json").read_text())["train_cases"] == 2
+    summary_file = json.loads((bundle / "training_summary.json").read_text())
+    assert summary_file["train_cases"] == 2 and summary_file["finding_threshold"] in (0.2, 0.3, 0.4, 0.5, None)
+
+
+def test_finding_threshold_is_written_into_the_finding_label_only(tmp_path: Path) -> None:
+    from models.train import set_finding_threshold
+
+    shutil.copy(BUNDLE / "model.toml", tmp_path / "model.toml")
+    set_finding_threshold(tmp_path, 0.3)
+    spec = load_spec(tmp_path)
+    assert {label.name: label.threshold for label in spec.labels} == {"Lung": 0.5, "Nodule": 0.3}
+    assert spec.study_finding is not None and spec.study_finding.threshold == 0.5
