@@ -2,9 +2,10 @@
 
 One thread per association reads whole PDUs from its socket (``recv_into`` a preallocated buffer), walks
 the PDV items of each P-DATA-TF, assembles the command set and the dataset, stores through the same
-`node.handlers.store_status` path as the pynetdicom engine and answers with one pre-encoded P-DATA-TF.
-No polling, no event queues, no Dataset objects on the way: pynetdicom's DUL/reactor threads cost about
-3-4 ms per instance (issue 2 item 9), most of the receive budget. Association establishment still uses
+`node.handlers.store_status` path as the pynetdicom engine and answers with one P-DATA-TF (the command
+set encoded by hand, one ``sendall``). No polling, no event queues, no Dataset objects on the way:
+pynetdicom's DUL/reactor machinery costs about 3 ms of CPU per instance (issue 2 item 9; measured
+6.1-6.8 ms against 3.3-3.7 ms for this engine per 512 KiB instance, docs/operations.md). Association establishment still uses
 pynetdicom's own PDU codecs and `negotiate_as_acceptor`, and admission is `node.scp.admit` with the
 same reject parameters, reasons and ``event=association`` log line as the pynetdicom engine.
 
