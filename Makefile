@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m node.demo
+	$(PY) -m node.demo --analyze
 
 test: $(STAMP)
 	bash .ci/install-tools

@@ -391,8 +391,19 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
         "best": history[best_epoch - 1] if best_epoch > 0 else None,
         "finding_threshold": threshold, "validation_nodule_dice_by_threshold": by_threshold,
     }
-    (bundle_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (bundle_dir / "training_summary.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
     return summary
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN floats as None, so the summary is strict JSON (AUC is NaN with one class)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _jsonable(settings: TrainSettings) -> dict[str, Any]:
