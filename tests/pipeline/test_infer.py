@@ -300,3 +300,26 @@ def test_out_of_memory_in_one_whole_volume_window_retries_with_windows(
         out = infer(OutOfMemoryOnLargeInputs(), volume, spec)
     assert out.windows > 1
     assert any("action=retry_with_windows" in r.getMessage() for r in caplog.records)
+
+
+def test_volume_over_the_whole_volume_limit_runs_as_the_fewest_tiles_that_fit() -> None:
+    from pipeline.infer import tile_patch
+
+    volume = random_volume((1, 20, 37, 29))
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(x.shape[2:]))
+            return x
+
+    limit = 20 * 37 * 29 - 1
+    spec = InferenceSpec((8, 16, 16), 0.5, 1, whole_volume_max_voxels=limit)
+    out = infer(Recording(), volume, spec)
+    assert out.windows == 2 and len(seen) == 2 and len(set(seen)) == 1
+    assert int(np.prod(seen[0])) <= limit  # each tile within the memory the manifest vouches for
+    logits, _, _ = sliding_window_logits(Identity(), volume, spec, torch.device("cpu"), 1)
+    np.testing.assert_allclose(logits.numpy(), volume, rtol=1e-6, atol=1e-6)  # tiles cover every voxel
+    # A big chest crop: a handful of tiles, about 1.2-1.4x the work, never the manifest's small windows.
+    patch = tile_patch((300, 260, 200), 3_000_000)
+    assert int(np.prod(patch)) <= 3_000_000 and min(patch) >= 64
