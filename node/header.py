@@ -258,13 +258,13 @@ def _fast_header(buf: Any) -> InstanceHeader | None:
             if name is not None:
                 found[name] = bytes(buf[start:start + length])
             offset = start + length
-        return _header_from_values(found, meta, syntax, has_pixel_data, implicit)
+        return _header_from_values(found, meta, syntax, has_pixel_data)
     except (_Unusual, struct.error, UnicodeDecodeError):
         return None
 
 
-def _header_from_values(found: dict[str, bytes], meta: dict[int, bytes], syntax: str, has_pixel_data: bool,
-                        implicit: bool) -> InstanceHeader | None:
+def _header_from_values(found: dict[str, bytes], meta: dict[int, bytes], syntax: str,
+                        has_pixel_data: bool) -> InstanceHeader:
     def text(name: str) -> str:
         raw = found.get(name)
         if raw is None:
@@ -280,19 +280,6 @@ def _header_from_values(found: dict[str, bytes], meta: dict[int, bytes], syntax:
             raise _Unusual  # missing or malformed: pydicom's path names the status and the attribute
         return value
 
-    def integer(name: str) -> int | None:
-        value = text(name)
-        if not value or "\\" in value:
-            return None
-        try:
-            return int(value)
-        except ValueError:
-            try:
-                as_float = float(value)
-            except ValueError:
-                return None
-            return int(as_float) if as_float.is_integer() else None
-
     def real(name: str) -> float | None:
         value = text(name)
         if not value or "\\" in value:
@@ -301,6 +288,10 @@ def _header_from_values(found: dict[str, bytes], meta: dict[int, bytes], syntax:
             return float(value)
         except ValueError:
             return None
+
+    def integer(name: str) -> int | None:
+        number = real(name)  # IS values such as "5.0" are integers too, as pydicom reads them
+        return int(number) if number is not None and number.is_integer() else None
 
     def unsigned(name: str) -> int | None:
         raw = found.get(name)
