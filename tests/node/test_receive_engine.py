@@ -83,36 +83,38 @@ def test_dcmtk_echo_and_small_pdus_over_many_fragments_store_byte_exact(node_fac
 
 
 # -- fast engine: protocol handling -------------------------------------------------------------
-def _raw_associate(port: int, contexts: tuple[str, ...] = (VERIFICATION,), calling_ae: str = SCU_AE) -> tuple[int, socket.socket]:
-    """Open an association by hand (pynetdicom's PDU encoder); return (port, socket) after the A-ASSOCIATE-AC."""
+def _encode_associate_rq(proposals: list[tuple[str, list[str]]], extra_user_items: tuple = ()) -> bytes:
+    """An A-ASSOCIATE-RQ from SCU_AE to EDGE_NODE (pynetdicom's PDU encoder): one context per
+    ``(abstract syntax, transfer syntaxes)``, a 16 KiB maximum length, our class UID, ``extra_user_items``."""
     from pynetdicom._globals import APPLICATION_CONTEXT_NAME
     from pynetdicom.pdu import A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import (
-        A_ASSOCIATE,
-        ImplementationClassUIDNotification,
-        MaximumLengthNotification,
-    )
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
     from pynetdicom.presentation import build_context
 
     primitive = A_ASSOCIATE()
     primitive.application_context_name = APPLICATION_CONTEXT_NAME
-    primitive.calling_ae_title = calling_ae
+    primitive.calling_ae_title = SCU_AE
     primitive.called_ae_title = "EDGE_NODE"
-    cxs = []
-    for i, uid in enumerate(contexts):
-        cx = build_context(uid, "1.2.840.10008.1.2")
+    contexts = []
+    for i, (uid, syntaxes) in enumerate(proposals):
+        cx = build_context(uid, syntaxes)
         cx.context_id = 2 * i + 1
-        cxs.append(cx)
-    primitive.presentation_context_definition_list = cxs
+        contexts.append(cx)
+    primitive.presentation_context_definition_list = contexts
     max_length = MaximumLengthNotification()
     max_length.maximum_length_received = 16384
     class_uid = ImplementationClassUIDNotification()
     class_uid.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
-    primitive.user_information = [max_length, class_uid]
+    primitive.user_information = [max_length, class_uid, *extra_user_items]
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def _raw_associate(port: int, contexts: tuple[str, ...] = (VERIFICATION,)) -> tuple[int, socket.socket]:
+    """Open an association by hand; return (port, socket) after the A-ASSOCIATE-AC."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(pdu.encode())
+    sock.sendall(_encode_associate_rq([(uid, ["1.2.840.10008.1.2"]) for uid in contexts]))
     pdu_type, _ = _read_pdu(sock)
     assert pdu_type == 0x02, f"expected A-ASSOCIATE-AC, got PDU type {pdu_type:#x}"
     return port, sock
@@ -301,46 +303,20 @@ def test_silent_peer_is_aborted_after_network_timeout_and_frees_its_slot(node_fa
 
 
 def _associate_rq_with_roles_and_rejected_contexts() -> bytes:
-    from pynetdicom._globals import APPLICATION_CONTEXT_NAME
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import (
-        A_ASSOCIATE,
-        AsynchronousOperationsWindowNegotiation,
-        ImplementationClassUIDNotification,
-        MaximumLengthNotification,
-        SCP_SCU_RoleSelectionNegotiation,
-    )
-    from pynetdicom.presentation import build_context
+    from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation, SCP_SCU_RoleSelectionNegotiation
 
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = APPLICATION_CONTEXT_NAME
-    primitive.calling_ae_title = SCU_AE
-    primitive.called_ae_title = "EDGE_NODE"
     proposals = [
         ("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2"]),
         (VERIFICATION, ["1.2.840.10008.1.2"]),
         ("1.2.3.4", ["1.2.840.10008.1.2"]),  # not a storage SOP class
         ("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1.99"]),  # deflate only
     ]
-    contexts = []
-    for i, (uid, syntaxes) in enumerate(proposals):
-        cx = build_context(uid, syntaxes)
-        cx.context_id = 2 * i + 1
-        contexts.append(cx)
-    primitive.presentation_context_definition_list = contexts
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    class_uid = ImplementationClassUIDNotification()
-    class_uid.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
     role = SCP_SCU_RoleSelectionNegotiation()
     role.sop_class_uid = "1.2.840.10008.5.1.4.1.1.2"
     role.scu_role = role.scp_role = True
     window = AsynchronousOperationsWindowNegotiation()
     window.maximum_number_operations_invoked = window.maximum_number_operations_performed = 5
-    primitive.user_information = [max_length, class_uid, role, window]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
+    return _encode_associate_rq(proposals, (role, window))
 
 
 def test_associate_ac_is_byte_identical_with_either_engine(node_factory):
