@@ -59,7 +59,8 @@ MANIFEST_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                   frozenset({"overlap", "batch_size", "gaussian_sigma_scale",
                              "whole_volume_max_voxels"})),
     "labels": (frozenset({"value", "name", "category", "type", "color_rgb"}),
-               frozenset({"threshold", "min_size_mm3", "max_findings", "is_finding", "finding_site"})),
+               frozenset({"threshold", "peak_threshold", "min_size_mm3", "max_findings", "is_finding",
+                          "finding_site"})),
     "segmentation": (frozenset(), frozenset({"type"})),
     "study_finding": (frozenset({"name", "code"}), frozenset({"threshold", "source"})),
     "outputs": (frozenset(), frozenset({"seg_series_description", "sr_series_description"})),
@@ -129,8 +130,9 @@ class LabelSpec:
 
     ``value`` is the label-map value and the network's output channel (≥ 1; 0 is background).
     ``category``/``type`` are the SEG segment's property category and type codes (SNOMED CT, CID 7150
-    and CID 7151 families). ``threshold`` is the minimum softmax probability, ``min_size_mm3`` the
-    smallest connected component kept, ``max_findings`` the most components of a finding label kept
+    and CID 7151 families). ``threshold`` is the minimum softmax probability, ``peak_threshold`` the
+    probability a connected component must reach somewhere to be kept (hysteresis: its extent still
+    comes from ``threshold``; 0 = off), ``min_size_mm3`` the smallest connected component kept, ``max_findings`` the most components of a finding label kept
     per series (the highest-scoring ones; 0 = no limit), ``is_finding`` marks labels measured as
     findings in the SR (TID 1411), ``finding_site`` the anatomic site reported with them.
     """
@@ -141,6 +143,7 @@ class LabelSpec:
     type: CodeSpec
     color_rgb: tuple[int, int, int]
     threshold: float = 0.5
+    peak_threshold: float = 0.0
     min_size_mm3: float = 0.0
     max_findings: int = 0
     is_finding: bool = False
@@ -519,6 +522,9 @@ def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:
         threshold = p.number(t, "threshold", prefix=key, default=0.5)
         if not 0.0 <= threshold <= 1.0:
             p.fail(f"{key}.threshold", "must be in [0, 1]")
+        peak = p.number(t, "peak_threshold", prefix=key, default=0.0)
+        if not 0.0 <= peak <= 1.0:
+            p.fail(f"{key}.peak_threshold", "must be in [0, 1]")
         labels.append(LabelSpec(
             value=value,
             name=p.string(t, "name", prefix=key),
@@ -526,6 +532,7 @@ def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:
             type=p.code(t["type"], f"{key}.type"),
             color_rgb=(color[0], color[1], color[2]),
             threshold=threshold,
+            peak_threshold=peak,
             min_size_mm3=p.number(t, "min_size_mm3", prefix=key, default=0.0, minimum=0.0),
             max_findings=int(p.number(t, "max_findings", prefix=key, default=0, minimum=0)),
             is_finding=p.boolean(t, "is_finding", prefix=key, default=False),

@@ -192,7 +192,8 @@ def postprocess(
 
     Steps: `plan_label_map` (per-label thresholds); per label, connected components with
     26-connectivity (`scipy.ndimage.label`), removing components smaller than
-    ``LabelSpec.min_size_mm3``; each surviving component of a label with ``is_finding`` becomes a
+    ``LabelSpec.min_size_mm3`` and those whose highest probability stays under
+    ``LabelSpec.peak_threshold`` (hysteresis); each surviving component of a label with ``is_finding`` becomes a
     `Finding` with volume (mL), longest axial diameter (mm, `longest_axial_diameter_mm`), centroid
     (LPS mm), mean and standard deviation of HU, and score (mean probability of its label inside it).
     When a label has more components than ``LabelSpec.max_findings`` (> 0), only the highest-scoring
@@ -249,7 +250,7 @@ def postprocess(
         components, count = ndimage.label(label_map[crop] == spec.value, structure=CONNECTIVITY_26)
         min_voxels = spec.min_size_mm3 / voxel_mm3 if voxel_mm3 > 0 else 0.0
         probability = channels[spec.value]
-        removed = 0
+        removed = weak = 0
         kept: list[tuple[Finding, tuple[slice, ...], NDArray[np.bool_]]] = []
         for number, local in enumerate(ndimage.find_objects(components), start=1):
             if local is None:
@@ -259,6 +260,9 @@ def postprocess(
             if int(mask.sum()) < min_voxels:
                 label_map[box][mask] = 0
                 removed += 1
+            elif spec.peak_threshold > 0 and float(np.max(probability[box][mask])) < spec.peak_threshold:
+                label_map[box][mask] = 0
+                weak += 1
             elif spec.is_finding:
                 kept.append((_measure(spec, mask, box, source_hu, probability, voxel_mm3), box, mask))
         if spec.max_findings and len(kept) > spec.max_findings:
@@ -270,8 +274,9 @@ def postprocess(
             log.info("event=findings_capped label=%s found=%d kept=%d", spec.name, len(kept), spec.max_findings)
             kept = kept[:spec.max_findings]
         findings.extend(finding for finding, _, _ in kept)
-        if removed:
-            log.debug("event=components_removed label=%s count=%d min_size_mm3=%s", spec.name, removed, spec.min_size_mm3)
+        if removed or weak:
+            log.debug("event=components_removed label=%s small=%d min_size_mm3=%s weak=%d peak_threshold=%s",
+                      spec.name, removed, spec.min_size_mm3, weak, spec.peak_threshold)
     findings.sort(key=lambda f: (f.label_value, -f.voxel_count, f.centroid_lps_mm))
     findings = [_with_index(f, n) for n, f in enumerate(findings, start=1)]
     probabilities: dict[int, NDArray[np.float32]] = {}

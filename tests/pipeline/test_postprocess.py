@@ -199,3 +199,21 @@ def test_max_findings_keeps_the_most_probable_components_and_erases_the_rest() -
     kept = result.label_map.array_zyx == 2
     assert int(kept.sum()) == 4 and kept[1, 11, 2] and kept[1, 2, 2] and not kept[1, 5, 2]
     assert [f.index for f in result.findings] == [1, 2]
+
+
+def test_peak_threshold_drops_weak_components_and_keeps_the_full_extent_of_strong_ones() -> None:
+    nodule = np.zeros((3, 20, 20), dtype=bool)
+    nodule[1, 2:6, 2:6] = True  # strong: one voxel at 0.9, the rest of it at 0.5
+    nodule[1, 12:16, 12:16] = True  # weak: 0.7 everywhere, never reaching the peak threshold
+    probabilities = _probabilities(nodule, p=0.5)
+    probabilities[2, 1, 12:16, 12:16] = 0.7
+    probabilities[2, 1, 3, 3] = 0.9
+    probabilities[0] = 1.0 - probabilities[1] - probabilities[2]
+    label = replace(NODULE_LABEL, threshold=0.4, min_size_mm3=0.0, peak_threshold=0.8)
+    result = postprocess(probabilities, _volume(nodule.shape), [LUNG_LABEL, label])
+    kept = result.label_map.array_zyx == 2
+    assert len(result.findings) == 1 and result.findings[0].voxel_count == 16
+    assert kept[1, 2:6, 2:6].all() and not kept[1, 12:16, 12:16].any()
+    # Off (0): both components stay.
+    result = postprocess(probabilities, _volume(nodule.shape), [LUNG_LABEL, replace(label, peak_threshold=0.0)])
+    assert len(result.findings) == 2
