@@ -173,7 +173,12 @@ def write_card(card: Path, report: dict[str, Any]) -> None:
         raise RuntimeError(f"{card} has no {CARD_BEGIN} … {CARD_END} section to fill")
     block = (f"{CARD_BEGIN}\n{report['cases']} held-out phantoms (seeds {report['seeds'][0]}–{report['seeds'][-1]}), "
              f"{report['nodules']} nodules, {report['scans_with_nodules']} scans with nodules; "
-             f"`make evaluate` ({report['minutes']} min on {report['device']}).\n\n{format_table(report)}\n")
+             f"`make evaluate` ({report['minutes']} min on {report['device']}).")
+    point = report.get("operating_point")
+    if point:
+        block += (f" Operating point (`model.toml`): nodule probability ≥ {point['threshold']:g}, components "
+                  f"peaking at ≥ {point['peak_threshold']:g} and of at least {point['min_size_mm3']:g} mm³.")
+    block += f"\n\n{format_table(report)}\n"
     if "stress" in report:
         stress = report["stress"]
         block += (f"\nRobustness: {stress['cases']} further held-out phantoms (seeds {stress['seeds'][0]}–"
@@ -201,8 +206,20 @@ def evaluate(bundle: Path, cases: int, workers: int) -> dict[str, Any]:
         "baseline": summarize([r["baseline"] for r in results]),
         "minutes": round((time.perf_counter() - started) / 60.0, 1),
         "device": f"CPU, {workers} worker process(es)",
+        "operating_point": operating_point(bundle),
     }
     return report
+
+
+def operating_point(bundle: Path) -> dict[str, float] | None:
+    """The finding label's thresholds the evaluation ran with (from the bundle's ``model.toml``)."""
+    from models.spec import load_spec
+
+    finding = next((label for label in load_spec(bundle).labels if label.is_finding), None)
+    if finding is None:
+        return None
+    return {"threshold": finding.threshold, "peak_threshold": finding.peak_threshold,
+            "min_size_mm3": finding.min_size_mm3}
 
 
 def evaluate_stress(bundle: Path, cases: int, workers: int) -> dict[str, Any]:

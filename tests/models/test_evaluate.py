@@ -46,6 +46,7 @@ def test_card_section_between_the_markers_is_replaced_and_the_rest_kept(tmp_path
     card = tmp_path / "README.md"
     card.write_text(f"# Card\nbefore\n{CARD_BEGIN}\nold table\n{CARD_END}\nafter\n", encoding="utf-8")
     report = _report()
+    report["operating_point"] = {"threshold": 0.4, "peak_threshold": 0.8, "min_size_mm3": 14.0}
     report["stress"] = {"cases": 2, "seeds": [40000, 40001], "minutes": 0.2,
                         "perturbations": {"low_dose": "noise"},
                         "low_dose": {"cnn": report["cnn"], "baseline": report["baseline"]}}
@@ -55,6 +56,7 @@ def test_card_section_between_the_markers_is_replaced_and_the_rest_kept(tmp_path
     assert format_table(report) in text and format_stress_table(report["stress"]) in text
     assert "| Lung Dice | ≥ 0.95 | 0.970 | 0.910 |" in text
     assert "| low_dose: noise | 0.970 / 0.910 |" in text
+    assert "nodule probability ≥ 0.4, components peaking at ≥ 0.8 and of at least 14 mm³" in text
 
 
 def test_card_without_markers_is_an_error(tmp_path: Path) -> None:
