@@ -60,7 +60,7 @@ MANIFEST_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                              "whole_volume_max_voxels"})),
     "labels": (frozenset({"value", "name", "category", "type", "color_rgb"}),
                frozenset({"threshold", "peak_threshold", "min_size_mm3", "max_findings", "is_finding",
-                          "finding_site", "border_label", "min_border_fraction"})),
+                          "finding_site"})),
     "segmentation": (frozenset(), frozenset({"type"})),
     "study_finding": (frozenset({"name", "code"}), frozenset({"threshold", "source"})),
     "outputs": (frozenset(), frozenset({"seg_series_description", "sr_series_description"})),
@@ -132,9 +132,7 @@ class LabelSpec:
     ``category``/``type`` are the SEG segment's property category and type codes (SNOMED CT, CID 7150
     and CID 7151 families). ``threshold`` is the minimum softmax probability, ``peak_threshold`` the
     probability a connected component must reach somewhere to be kept (hysteresis: its extent still
-    comes from ``threshold``; 0 = off), ``border_label`` and ``min_border_fraction`` the label a component
-    must be surrounded by, for at least that fraction of the voxels touching it (a lung nodule borders
-    lung; 0 = off), ``min_size_mm3`` the smallest connected component kept, ``max_findings`` the most components of a finding label kept
+    comes from ``threshold``; 0 = off), ``min_size_mm3`` the smallest connected component kept, ``max_findings`` the most components of a finding label kept
     per series (the highest-scoring ones; 0 = no limit), ``is_finding`` marks labels measured as
     findings in the SR (TID 1411), ``finding_site`` the anatomic site reported with them.
     """
@@ -146,8 +144,6 @@ class LabelSpec:
     color_rgb: tuple[int, int, int]
     threshold: float = 0.5
     peak_threshold: float = 0.0
-    border_label: int = 0
-    min_border_fraction: float = 0.0
     min_size_mm3: float = 0.0
     max_findings: int = 0
     is_finding: bool = False
@@ -529,9 +525,6 @@ def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:
         peak = p.number(t, "peak_threshold", prefix=key, default=0.0)
         if not 0.0 <= peak <= 1.0:
             p.fail(f"{key}.peak_threshold", "must be in [0, 1]")
-        border_fraction = p.number(t, "min_border_fraction", prefix=key, default=0.0)
-        if not 0.0 <= border_fraction <= 1.0:
-            p.fail(f"{key}.min_border_fraction", "must be in [0, 1]")
         labels.append(LabelSpec(
             value=value,
             name=p.string(t, "name", prefix=key),
@@ -540,8 +533,6 @@ def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:
             color_rgb=(color[0], color[1], color[2]),
             threshold=threshold,
             peak_threshold=peak,
-            border_label=int(p.number(t, "border_label", prefix=key, default=0, minimum=0)),
-            min_border_fraction=border_fraction,
             min_size_mm3=p.number(t, "min_size_mm3", prefix=key, default=0.0, minimum=0.0),
             max_findings=int(p.number(t, "max_findings", prefix=key, default=0, minimum=0)),
             is_finding=p.boolean(t, "is_finding", prefix=key, default=False),
@@ -551,9 +542,6 @@ def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:
     values = [label.value for label in labels]
     if len(set(values)) != len(values):
         p.fail("labels", f"label values must be unique, got {values}")
-    for i, label in enumerate(labels):
-        if label.border_label and (label.border_label == label.value or label.border_label not in values):
-            p.fail(f"labels[{i}].border_label", f"must be the value of another label ({values}), got {label.border_label}")
     names = [label.name for label in labels]
     if len(set(names)) != len(names):
         p.fail("labels", f"label names must be unique, got {names}")

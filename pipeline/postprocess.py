@@ -192,9 +192,8 @@ def postprocess(
 
     Steps: `plan_label_map` (per-label thresholds); per label, connected components with
     26-connectivity (`scipy.ndimage.label`), removing components smaller than
-    ``LabelSpec.min_size_mm3``, those whose highest probability stays under
-    ``LabelSpec.peak_threshold`` (hysteresis) and those whose surroundings hold less than
-    ``LabelSpec.min_border_fraction`` of ``LabelSpec.border_label`` (`border_fraction`); each surviving component of a label with ``is_finding`` becomes a
+    ``LabelSpec.min_size_mm3`` and those whose highest probability stays under
+    ``LabelSpec.peak_threshold`` (hysteresis); each surviving component of a label with ``is_finding`` becomes a
     `Finding` with volume (mL), longest axial diameter (mm, `longest_axial_diameter_mm`), centroid
     (LPS mm), mean and standard deviation of HU, and score (mean probability of its label inside it).
     When a label has more components than ``LabelSpec.max_findings`` (> 0), only the highest-scoring
@@ -251,7 +250,7 @@ def postprocess(
         components, count = ndimage.label(label_map[crop] == spec.value, structure=CONNECTIVITY_26)
         min_voxels = spec.min_size_mm3 / voxel_mm3 if voxel_mm3 > 0 else 0.0
         probability = channels[spec.value]
-        removed = weak = outside = 0
+        removed = weak = 0
         kept: list[tuple[Finding, tuple[slice, ...], NDArray[np.bool_]]] = []
         for number, local in enumerate(ndimage.find_objects(components), start=1):
             if local is None:
@@ -264,9 +263,6 @@ def postprocess(
             elif spec.peak_threshold > 0 and float(np.max(probability[box][mask])) < spec.peak_threshold:
                 label_map[box][mask] = 0
                 weak += 1
-            elif spec.border_label and border_fraction(label_map, box, mask, spec.border_label) < spec.min_border_fraction:
-                label_map[box][mask] = 0
-                outside += 1
             elif spec.is_finding:
                 kept.append((_measure(spec, mask, box, source_hu, probability, voxel_mm3), box, mask))
         if spec.max_findings and len(kept) > spec.max_findings:
@@ -278,10 +274,9 @@ def postprocess(
             log.info("event=findings_capped label=%s found=%d kept=%d", spec.name, len(kept), spec.max_findings)
             kept = kept[:spec.max_findings]
         findings.extend(finding for finding, _, _ in kept)
-        if removed or weak or outside:
-            log.debug("event=components_removed label=%s small=%d min_size_mm3=%s weak=%d peak_threshold=%s "
-                      "outside=%d border_label=%d", spec.name, removed, spec.min_size_mm3, weak,
-                      spec.peak_threshold, outside, spec.border_label)
+        if removed or weak:
+            log.debug("event=components_removed label=%s small=%d min_size_mm3=%s weak=%d peak_threshold=%s",
+                      spec.name, removed, spec.min_size_mm3, weak, spec.peak_threshold)
     findings.sort(key=lambda f: (f.label_value, -f.voxel_count, f.centroid_lps_mm))
     findings = [_with_index(f, n) for n, f in enumerate(findings, start=1)]
     probabilities: dict[int, NDArray[np.float32]] = {}
@@ -316,18 +311,6 @@ def decide_study_finding(
     else:
         score = max((f.score for f in findings), default=0.0)
     return StudyFinding(name=name, score=float(score), present=bool(score >= threshold), threshold=threshold)
-
-
-def border_fraction(label_map: NDArray[np.uint8], box: tuple[slice, ...], mask: NDArray[np.bool_],
-                    border_label: int) -> float:
-    """Fraction of the voxels 26-adjacent to a component (``mask`` inside ``box`` of ``label_map``)
-    that carry ``border_label``; voxels beyond the volume's edge do not count. 0.0 when none exist."""
-    grown = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, label_map.shape, strict=True))
-    inner = np.zeros(tuple(g.stop - g.start for g in grown), dtype=bool)
-    inner[tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown, strict=True))] = mask
-    shell = ndimage.binary_dilation(inner, structure=CONNECTIVITY_26) & ~inner
-    around = label_map[grown][shell]
-    return float((around == border_label).mean()) if around.size else 0.0
 
 
 def _bounding_box(mask: NDArray[np.bool_]) -> tuple[slice, slice, slice] | None:

@@ -134,8 +134,6 @@ def test_missing_required_key_is_named(manifest: dict[str, Any], bundle: Path, k
         (lambda m: m["labels"][1].update(value=1), "label values must be unique"),
         (lambda m: m["labels"][0].update(threshold="high"), r"labels\[0\]\.threshold"),
         (lambda m: m["labels"][1].update(peak_threshold=1.5), r"labels\[1\]\.peak_threshold"),
-        (lambda m: m["labels"][1].update(border_label=7), r"labels\[1\]\.border_label"),
-        (lambda m: m["labels"][1].update(min_border_fraction=-0.1), r"labels\[1\]\.min_border_fraction"),
         (lambda m: m["weights"].update(sha256="abc"), "weights.sha256"),
         (lambda m: m["weights"].update(format="onnx"), "weights.format"),
         (lambda m: m["weights"].update(file="../elsewhere.pt"), "weights.file"),

@@ -217,32 +217,3 @@ def test_peak_threshold_drops_weak_components_and_keeps_the_full_extent_of_stron
     # Off (0): both components stay.
     result = postprocess(probabilities, _volume(nodule.shape), [LUNG_LABEL, replace(label, peak_threshold=0.0)])
     assert len(result.findings) == 2
-
-
-def test_border_label_drops_a_component_that_does_not_border_the_lung() -> None:
-    lung = np.zeros((9, 30, 40), dtype=bool)
-    lung[:, 2:28, 2:20] = True
-    nodule = np.zeros(lung.shape, dtype=bool)
-    nodule[3:6, 10:13, 17:20] = True  # at the lung's edge: half of its surroundings are lung
-    nodule[3:6, 10:13, 30:33] = True  # in the mediastinum: no lung around it
-    nodule[3:6, 20:23, 8:11] = True  # inside the lung
-    lung &= ~nodule
-    probabilities = _probabilities(nodule, lung)
-    label = replace(NODULE_LABEL, min_size_mm3=0.0, border_label=1, min_border_fraction=0.25)
-    result = postprocess(probabilities, _volume(lung.shape), [LUNG_LABEL, label])
-    kept = result.label_map.array_zyx == 2
-    assert len(result.findings) == 2
-    assert kept[4, 11, 18] and kept[4, 21, 9] and not kept[3:6, 10:13, 30:33].any()
-
-
-def test_border_fraction_counts_the_surroundings_within_the_volume() -> None:
-    from pipeline.postprocess import border_fraction
-
-    label_map = np.ones((3, 3, 3), dtype=np.uint8)
-    label_map[:, :, 2] = 0
-    label_map[1, 1, 1] = 2
-    box = (slice(1, 2), slice(1, 2), slice(1, 2))
-    assert border_fraction(label_map, box, np.ones((1, 1, 1), bool), 1) == pytest.approx(17 / 26)
-    corner = (slice(0, 1), slice(0, 1), slice(0, 1))  # 7 neighbours inside the volume, all lung
-    label_map[0, 0, 0] = 2
-    assert border_fraction(label_map, corner, np.ones((1, 1, 1), bool), 1) == pytest.approx(6 / 7)
