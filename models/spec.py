@@ -132,9 +132,10 @@ class LabelSpec:
     ``category``/``type`` are the SEG segment's property category and type codes (SNOMED CT, CID 7150
     and CID 7151 families). ``threshold`` is the minimum softmax probability, ``peak_threshold`` the
     probability a connected component must reach somewhere to be kept (hysteresis: its extent still
-    comes from ``threshold``; 0 = off), ``min_size_mm3`` the smallest connected component kept, ``max_findings`` the most components of a finding label kept
-    per series (the highest-scoring ones; 0 = no limit), ``is_finding`` marks labels measured as
-    findings in the SR (TID 1411), ``finding_site`` the anatomic site reported with them.
+    comes from ``threshold``; 0 = off), ``min_size_mm3`` the smallest connected component kept,
+    ``max_findings`` the most components of a finding label kept per series (the highest-scoring
+    ones; 0 = no limit), ``is_finding`` marks labels measured as findings in the SR (TID 1411),
+    ``finding_site`` the anatomic site reported with them.
     """
 
     value: int

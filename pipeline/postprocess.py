@@ -193,9 +193,10 @@ def postprocess(
     Steps: `plan_label_map` (per-label thresholds); per label, connected components with
     26-connectivity (`scipy.ndimage.label`), removing components smaller than
     ``LabelSpec.min_size_mm3`` and those whose highest probability stays under
-    ``LabelSpec.peak_threshold`` (hysteresis); each surviving component of a label with ``is_finding`` becomes a
-    `Finding` with volume (mL), longest axial diameter (mm, `longest_axial_diameter_mm`), centroid
-    (LPS mm), mean and standard deviation of HU, and score (mean probability of its label inside it).
+    ``LabelSpec.peak_threshold`` (hysteresis); each surviving component of a label with ``is_finding``
+    becomes a `Finding` with volume (mL), longest axial diameter (mm, `longest_axial_diameter_mm`),
+    centroid (LPS mm), mean and standard deviation of HU, and score (mean probability of its label
+    inside it).
     When a label has more components than ``LabelSpec.max_findings`` (> 0), only the highest-scoring
     ones are kept, in the findings and in the label map. Findings are ordered by label value, then by
     decreasing size; ``Finding.index`` counts from 1 in that
@@ -242,7 +243,7 @@ def postprocess(
     voxel_mm3 = voxel_volume_mm3(source_hu.affine_lps)
     findings: list[Finding] = []
     for spec in sorted(labels, key=lambda s: s.value):
-        if not spec.is_finding and spec.min_size_mm3 <= 0:
+        if not spec.is_finding and spec.min_size_mm3 <= 0 and spec.peak_threshold <= 0:
             continue  # nothing to remove, nothing to report: spare the labelling of a large organ
         crop = _bounding_box(label_map == spec.value)
         if crop is None:
