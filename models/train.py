@@ -3,12 +3,13 @@
 The recipe: phantoms from `models.phantoms` (seeded, varied geometry, anatomy, intensity, noise and
 nodules) → the bundle's own preprocessing plan (`pipeline.preprocess.run_plan`, exactly what inference
 runs; the label maps follow the same geometric steps with nearest-neighbour sampling) → random patches,
-half of them centred on a nodule → augmentation (rotation about the body axis, shifts, left–right
+most of them centred on a nodule → augmentation (rotation about the body axis, shifts, left–right
 flips, scaling, intensity scale/shift, noise) → 3-D U-Net with a "nodule present" head → loss = soft
 Dice + cross-entropy on the segmentation, binary cross-entropy on the head (a patch is positive when
 it holds nodule voxels; the study score is the maximum over windows, as at inference) → validation
 every epoch on separate seeds with the real sliding-window inference → checkpoints, a CSV log of the
-curves, and finally the best weights written into the bundle with their sha256 in ``model.toml``.
+curves, then the best weights written into the bundle with their sha256 in ``model.toml``, and
+finally the finding label's operating point (voxel and peak thresholds) chosen on validation phantoms.
 
 Seeds are fixed (torch, numpy, phantom seeds), so a run is repeatable up to the floating-point
 non-determinism of multi-threaded CPU kernels. This is an offline tool: unlike the rest of `models`,
@@ -51,6 +52,8 @@ class TrainSettings:
 
     train_cases: int = 64
     validation_cases: int = 6
+    #: Validation phantoms (the first ``validation_cases`` and more) for choosing the operating point.
+    calibration_cases: int = 24
     minutes: float = 55.0
     max_epochs: int = 400
     steps_per_epoch: int = 150
@@ -164,7 +167,8 @@ def sample_patch(case: Case, patch: Sequence[int], rng: np.random.Generator, nod
     scale = float(rng.uniform(0.85, 1.15))
     # Cut a larger block so rotation and scaling never pull in the patch's own padding.
     margin = [int(math.ceil(p * (1.0 / 0.85) * (1.0 if i == 0 else 1.3))) for i, p in enumerate(patch)]
-    if case.nodule_centers and rng.random() < nodule_fraction:
+    draw = rng.random()  # drawn for every patch, so a case's nodules do not shift the stream
+    if case.nodule_centers and draw < nodule_fraction:
         center = np.asarray(case.nodule_centers[int(rng.integers(len(case.nodule_centers)))], float)
         center += rng.uniform(-0.35, 0.35, 3) * np.asarray(patch)
     else:
@@ -310,7 +314,9 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
     device = resolve_device(settings.device)
     bf16 = mixed_precision(settings.precision, device)
     logger.info("event=training_device device=%s bf16=%s", device, bf16)
-    network = build_network(spec.architecture).to(device)
+    # Channels-last 3-D tensors: oneDNN's convolutions run about 1.35x faster on them on this CPU
+    # (0.39 s against 0.53 s for a step of 8 patches of 24x48x48, bfloat16), the same arithmetic.
+    network = build_network(spec.architecture).to(device, memory_format=torch.channels_last_3d)
     network.train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
@@ -345,7 +351,7 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
                     group["lr"] = learning_rate()
                 step += 1
                 images, labels = next(stream)
-                x = torch.from_numpy(images).to(device)
+                x = torch.from_numpy(images).to(device).contiguous(memory_format=torch.channels_last_3d)
                 y = torch.from_numpy(labels.astype(np.int64)).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     seg, cls = network(x)
@@ -380,16 +386,18 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
                 break
     install_weights(bundle_dir, spec, work_dir / "best.pt")
     network.load_state_dict(torch.load(work_dir / "best.pt", map_location=device, weights_only=True))
-    threshold, by_threshold = calibrate_finding_threshold(network, validation, spec, device)
-    if threshold is not None:
-        set_finding_threshold(bundle_dir, threshold)
+    calibration = validation + load_cases(
+        [VALIDATION_SEED_BASE + i for i in range(settings.validation_cases, settings.calibration_cases)],
+        bundle_dir, work_dir / "cache", settings.workers)
+    point = calibrate_operating_point(network, calibration, spec, device)
+    _record_operating_point(bundle_dir, point)
     (bundle_dir / "training_log.csv").write_text(log_path.read_text())
     summary = {
         "epochs": epoch, "best_epoch": best_epoch, "minutes": round((time.perf_counter() - started) / 60, 1),
         "prepare_minutes": round(prepared_seconds / 60, 1), "train_cases": settings.train_cases,
         "validation_cases": settings.validation_cases, "settings": _jsonable(settings),
         "best": history[best_epoch - 1] if best_epoch > 0 else None,
-        "finding_threshold": threshold, "validation_nodule_dice_by_threshold": by_threshold,
+        **_operating_point_summary(point, len(calibration)),
     }
     (bundle_dir / "training_summary.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
     return summary
@@ -412,16 +420,76 @@ def _jsonable(settings: TrainSettings) -> dict[str, Any]:
 
 
 FINDING_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
+#: Candidate peak thresholds (hysteresis, `LabelSpec.peak_threshold`); 0 keeps every component.
+PEAK_THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+#: False positives per scan the peak threshold must keep to on the calibration phantoms: the goal is
+#: at most 1 on unseen scans, and a quarter of margin covers the spread of a couple of dozen scans.
+FP_PER_SCAN_TARGET = 0.75
+#: Nodules of at least this diameter (equivalent sphere on the network grid) count for the sensitivity
+#: reported with each candidate peak threshold.
+REPORTED_NODULE_MM = 6.0
 
 
-def calibrate_finding_threshold(network: Any, cases: Sequence[Case], spec: Any, device: Any = "cpu",
-                                ) -> tuple[float | None, dict[str, float]]:
-    """Pick the finding label's probability threshold that maximises nodule Dice on the validation cases.
+@dataclass(frozen=True, slots=True)
+class OperatingPoint:
+    """The finding label's voxel threshold and peak threshold chosen on validation phantoms, with
+    what each candidate gave (`calibrate_operating_point`)."""
 
-    A network trained on a rare class is often under-confident on it: the operating point is chosen
-    on validation data (never on the held-out evaluation set) among `FINDING_THRESHOLDS`, with the
-    node's own label decision (`pipeline.postprocess.plan_label_map`); ties keep the higher threshold.
-    Returns ``(None, {})`` when the manifest has no finding label or no validation case has nodules.
+    threshold: float | None
+    peak_threshold: float | None
+    dice_by_threshold: dict[str, float]
+    detection_by_peak: dict[str, dict[str, float]]
+
+
+def _grid_voxel_mm3(spec: Any) -> float:
+    """Voxel volume of the plan's working grid (the last resample step), 1.0 without one."""
+    volume = 1.0
+    for step in spec.preprocess:
+        if step.op == "resample" and "spacing_mm" in step.params:
+            volume = float(np.prod(step.params["spacing_mm"]))
+    return volume
+
+
+def _component_detections(label_map: NDArray[Any], probability: NDArray[Any], truth: NDArray[np.bool_],
+                          finding: Any, voxel_mm3: float) -> tuple[list[tuple[float, bool]], list[tuple[float, float]]]:
+    """Per predicted component (min size applied): (peak probability, overlaps a true nodule); per true
+    nodule: (equivalent diameter mm, highest peak among the predicted components overlapping it)."""
+    structure = np.ones((3, 3, 3), dtype=bool)
+    predicted, count = ndimage.label(label_map == finding.value, structure=structure)
+    truth_cc, truth_count = ndimage.label(truth, structure=structure)
+    min_voxels = finding.min_size_mm3 / voxel_mm3
+    components: list[tuple[float, bool]] = []
+    peak_of: dict[int, float] = {}
+    for number, box in enumerate(ndimage.find_objects(predicted), start=1):
+        if box is None:
+            continue
+        mask = predicted[box] == number
+        if int(mask.sum()) < min_voxels:
+            continue
+        peak = float(probability[box][mask].max())
+        overlapped = truth_cc[box][mask]
+        components.append((peak, bool(overlapped.any())))
+        for t in np.unique(overlapped[overlapped > 0]):
+            peak_of[int(t)] = max(peak_of.get(int(t), 0.0), peak)
+    sizes = ndimage.sum_labels(truth, truth_cc, range(1, truth_count + 1)) if truth_count else []
+    nodules = [((6.0 * float(n) * voxel_mm3 / math.pi) ** (1.0 / 3.0), peak_of.get(i, -1.0))
+               for i, n in enumerate(sizes, start=1)]
+    return components, nodules
+
+
+def calibrate_operating_point(network: Any, cases: Sequence[Case], spec: Any, device: Any = "cpu",
+                              ) -> OperatingPoint:
+    """Choose the finding label's operating point on validation phantoms (never the held-out set).
+
+    1. The voxel ``threshold`` among `FINDING_THRESHOLDS` that maximises nodule Dice, with the node's
+       own label decision (`pipeline.postprocess.plan_label_map`); ties keep the higher threshold.
+       A network trained on a rare class is often under-confident on it.
+    2. The ``peak_threshold`` (hysteresis): the lowest of `PEAK_THRESHOLDS` whose false positives per
+       scan stay within `FP_PER_SCAN_TARGET` (the highest when none does). A component whose
+       probability never reaches it is dropped; the components kept keep their extent, so the Dice of
+       step 1 holds for every nodule that stays.
+
+    Returns thresholds of None when the manifest has no finding label or no case has nodules.
     """
     import dataclasses
 
@@ -433,61 +501,102 @@ def calibrate_finding_threshold(network: Any, cases: Sequence[Case], spec: Any, 
 
     finding = next((label for label in spec.labels if label.is_finding), None)
     if finding is None:
-        return None, {}
+        return OperatingPoint(None, None, {}, {})
+    voxel_mm3 = _grid_voxel_mm3(spec)
     network.eval()
     per_threshold: dict[float, list[float]] = {t: [] for t in FINDING_THRESHOLDS}
+    outputs: list[tuple[NDArray[Any], NDArray[np.bool_]]] = []
     with torch.inference_mode():
         for case in cases:
-            if not (case.labels == finding.value).any():
-                continue
             probabilities = infer(network, case.image[None], spec.inference, device=device).probabilities_czyx
+            truth = case.labels == finding.value
+            outputs.append((probabilities, truth))
+            if not truth.any():
+                continue
             for t in FINDING_THRESHOLDS:
                 labels = [dataclasses.replace(label, threshold=t) if label.value == finding.value else label
                           for label in spec.labels]
-                label_map = plan_label_map(probabilities, labels)
-                per_threshold[t].append(dice(label_map == finding.value, case.labels == finding.value))
+                per_threshold[t].append(dice(plan_label_map(probabilities, labels) == finding.value, truth))
     if not any(per_threshold.values()):
-        return None, {}
+        return OperatingPoint(None, None, {}, {})
     means = {t: float(np.mean(v)) for t, v in per_threshold.items()}
     best = max(sorted(means, reverse=True), key=lambda t: means[t])
-    logger.info("event=finding_threshold_calibrated label=%s threshold=%.2f %s", finding.name, best,
-                " ".join(f"dice@{t:.1f}={d:.4f}" for t, d in means.items()))
-    return best, {f"{t:.1f}": d for t, d in means.items()}
+    labels = [dataclasses.replace(label, threshold=best) if label.value == finding.value else label
+              for label in spec.labels]
+    components: list[tuple[float, bool]] = []
+    nodules: list[tuple[float, float]] = []
+    for probabilities, truth in outputs:
+        found, true = _component_detections(plan_label_map(probabilities, labels), probabilities[finding.value],
+                                            truth, finding, voxel_mm3)
+        components += found
+        nodules += true
+    reported = [peak for diameter, peak in nodules if diameter >= REPORTED_NODULE_MM]
+    detection: dict[str, dict[str, float]] = {}
+    for peak in PEAK_THRESHOLDS:
+        fp = sum(1 for p, hit in components if not hit and p >= peak) / max(1, len(outputs))
+        sensitivity = float(np.mean([p >= peak for p in reported])) if reported else float("nan")
+        detection[f"{peak:.2f}"] = {"false_positives_per_scan": fp, "sensitivity_ge_6mm": sensitivity}
+    within = [p for p in PEAK_THRESHOLDS if detection[f"{p:.2f}"]["false_positives_per_scan"] <= FP_PER_SCAN_TARGET]
+    peak_threshold = min(within) if within else max(PEAK_THRESHOLDS)
+    logger.info("event=operating_point_calibrated label=%s threshold=%.2f peak_threshold=%.2f cases=%d %s %s",
+                finding.name, best, peak_threshold, len(outputs),
+                " ".join(f"dice@{t:.1f}={d:.4f}" for t, d in means.items()),
+                " ".join(f"fp@{k}={v['false_positives_per_scan']:.2f}/sens={v['sensitivity_ge_6mm']:.2f}"
+                         for k, v in detection.items()))
+    return OperatingPoint(best, peak_threshold, {f"{t:.1f}": d for t, d in means.items()}, detection)
 
 
-def set_finding_threshold(bundle_dir: Path, threshold: float) -> None:
-    """Write ``threshold`` into the ``[[labels]]`` table of ``model.toml`` that has ``is_finding = true``."""
+def set_operating_point(bundle_dir: Path, threshold: float, peak_threshold: float | None = None) -> None:
+    """Write ``threshold`` (and ``peak_threshold``, added after it when absent) into the ``[[labels]]``
+    table of ``model.toml`` that has ``is_finding = true``; the rest of the file is left as it is."""
     manifest = bundle_dir / "model.toml"
     text = manifest.read_text()
     tables = re.split(r"(?m)^(?=\[)", text)
     count = 0
     for i, table in enumerate(tables):
         if table.startswith("[[labels]]") and re.search(r"(?m)^is_finding\s*=\s*true", table):
-            tables[i], n = re.subn(r"(?m)^threshold\s*=\s*[0-9.]+", f"threshold = {threshold:g}", table)
+            table, n = re.subn(r"(?m)^threshold\s*=\s*[0-9.]+", f"threshold = {threshold:g}", table)
             count += n
+            if peak_threshold is not None:
+                line = f"peak_threshold = {peak_threshold:g}"
+                table, m = re.subn(r"(?m)^peak_threshold\s*=\s*[0-9.]+", line, table)
+                if m == 0:
+                    table = re.sub(r"(?m)^(threshold\s*=.*)$", lambda match: f"{match.group(1)}\n{line}", table, count=1)
+            tables[i] = table
     if count != 1:
         raise RuntimeError(f"{manifest} has no single finding label with a threshold line to update")
     manifest.write_text("".join(tables))
 
 
-def calibrate_installed(bundle_dir: Path, work_dir: Path, validation_cases: int, workers: int, device: str) -> int:
-    """``--calibrate-only``: calibrate the finding threshold of the weights installed in the bundle."""
+def _record_operating_point(bundle_dir: Path, point: OperatingPoint) -> None:
+    if point.threshold is not None:
+        set_operating_point(bundle_dir, point.threshold, point.peak_threshold)
+
+
+def _operating_point_summary(point: OperatingPoint, cases: int) -> dict[str, Any]:
+    return {"finding_threshold": point.threshold, "finding_peak_threshold": point.peak_threshold,
+            "calibration_cases": cases, "validation_nodule_dice_by_threshold": point.dice_by_threshold,
+            "validation_detection_by_peak_threshold": point.detection_by_peak}
+
+
+def calibrate_installed(bundle_dir: Path, work_dir: Path, calibration_cases: int, workers: int, device: str) -> int:
+    """``--calibrate-only``: choose the operating point of the weights installed in the bundle."""
     from models.loader import load_model, resolve_device
     from models.spec import load_spec
 
     spec = load_spec(bundle_dir / "model.toml")
     handle = load_model(spec, resolve_device(device))
-    seeds = [VALIDATION_SEED_BASE + i for i in range(validation_cases)]
-    validation = load_cases(seeds, bundle_dir, work_dir / "cache", workers)
-    threshold, by_threshold = calibrate_finding_threshold(handle.module, validation, spec, handle.device)
-    if threshold is not None:
-        set_finding_threshold(bundle_dir, threshold)
-        summary_path = bundle_dir / "training_summary.json"
-        if summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-            summary.update(finding_threshold=threshold, validation_nodule_dice_by_threshold=by_threshold)
-            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({"finding_threshold": threshold, "validation_nodule_dice_by_threshold": by_threshold}))
+    seeds = [VALIDATION_SEED_BASE + i for i in range(calibration_cases)]
+    cases = load_cases(seeds, bundle_dir, work_dir / "cache", workers)
+    point = calibrate_operating_point(handle.module, cases, spec, handle.device)
+    _record_operating_point(bundle_dir, point)
+    result = _operating_point_summary(point, calibration_cases)
+    summary_path = bundle_dir / "training_summary.json"
+    if summary_path.is_file() and point.threshold is not None:
+        summary = json.loads(summary_path.read_text())
+        summary.update(result)
+        summary_path.write_text(json.dumps(_finite(summary), indent=2) + "\n")
+    print(json.dumps(_finite(result)))
     return 0
 
 
@@ -496,7 +605,7 @@ def install_weights(bundle_dir: Path, spec: Any, checkpoint: Path) -> str:
     import torch
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = {k: v.detach().cpu() for k, v in state.items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     target = bundle_dir / spec.weights.file
     tmp = target.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -520,6 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=defaults.minutes, help="time budget")
     parser.add_argument("--train-cases", type=int, default=defaults.train_cases)
     parser.add_argument("--validation-cases", type=int, default=defaults.validation_cases)
+    parser.add_argument("--calibration-cases", type=int, default=defaults.calibration_cases,
+                        help="validation phantoms the operating point (thresholds) is chosen on")
     parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch)
     parser.add_argument("--max-epochs", type=int, default=defaults.max_epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -534,14 +645,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=defaults.precision,
                         help="bf16 autocast (auto: on CUDA and CPUs with native bfloat16)")
     parser.add_argument("--calibrate-only", action="store_true",
-                        help="do not train: pick the finding threshold of the bundle's installed weights on the "
-                             "validation cases and write it into model.toml")
+                        help="do not train: choose the finding label's thresholds for the bundle's installed "
+                             "weights on the calibration phantoms and write them into model.toml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.calibrate_only:
-        return calibrate_installed(args.bundle, args.work_dir, args.validation_cases, args.workers, args.device)
+        return calibrate_installed(args.bundle, args.work_dir, args.calibration_cases, args.workers, args.device)
     settings = TrainSettings(minutes=args.minutes, train_cases=args.train_cases,
-                             validation_cases=args.validation_cases, steps_per_epoch=args.steps_per_epoch,
+                             validation_cases=args.validation_cases,
+                             calibration_cases=max(args.calibration_cases, args.validation_cases),
+                             steps_per_epoch=args.steps_per_epoch,
                              max_epochs=args.max_epochs, batch_size=args.batch_size, threads=args.threads,
                              workers=args.workers, nodule_class_weight=args.nodule_class_weight,
                              resume=args.resume, patch_zyx=args.patch,

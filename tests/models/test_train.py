@@ -14,7 +14,16 @@ import torch
 import models
 from models.loader import load_model, sha256_file
 from models.spec import load_spec
-from models.train import Case, TrainSettings, mixed_precision, sample_patch, soft_dice_loss, train
+from models.train import (
+    PEAK_THRESHOLDS,
+    Case,
+    TrainSettings,
+    _component_detections,
+    mixed_precision,
+    sample_patch,
+    soft_dice_loss,
+    train,
+)
 
 BUNDLE = Path(models.__file__).parent / "chest_ct_nodules"
 
@@ -76,7 +85,7 @@ def test_a_tiny_training_run_installs_weights_the_registry_loads(tmp_path: Path)
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     shutil.copy(BUNDLE / "model.toml", bundle / "model.toml")
-    settings = TrainSettings(train_cases=2, validation_cases=1, minutes=5.0, max_epochs=2, steps_per_epoch=2,
+    settings = TrainSettings(train_cases=2, validation_cases=1, calibration_cases=2, minutes=5.0, max_epochs=2, steps_per_epoch=2,
                              batch_size=1, patch_zyx=(16, 32, 32), workers=1, precision="fp32")
     summary = train(bundle, tmp_path / "work", settings)
     assert summary["epochs"] == 2 and summary["best_epoch"] in (1, 2)
@@ -88,13 +97,47 @@ def test_a_tiny_training_run_installs_weights_the_registry_loads(tmp_path: Path)
     assert [int(r["epoch"]) for r in rows] == [1, 2] and all(float(r["train_loss"]) > 0 for r in rows)
     summary_file = json.loads((bundle / "training_summary.json").read_text())
     assert summary_file["train_cases"] == 2 and summary_file["finding_threshold"] in (0.2, 0.3, 0.4, 0.5, None)
+    assert summary_file["finding_peak_threshold"] in (*PEAK_THRESHOLDS, None)
+    if summary_file["finding_peak_threshold"] is not None:
+        assert summary_file["calibration_cases"] == 2
+        assert spec.labels[1].peak_threshold == summary_file["finding_peak_threshold"]
 
 
-def test_finding_threshold_is_written_into_the_finding_label_only(tmp_path: Path) -> None:
-    from models.train import set_finding_threshold
+def test_operating_point_is_written_into_the_finding_label_only(tmp_path: Path) -> None:
+    from models.train import set_operating_point
 
     shutil.copy(BUNDLE / "model.toml", tmp_path / "model.toml")
-    set_finding_threshold(tmp_path, 0.3)
+    text = (tmp_path / "model.toml").read_text()
+    import re
+    (tmp_path / "model.toml").write_text(re.sub(r"(?m)^peak_threshold = .*\n", "", text))
+    set_operating_point(tmp_path, 0.3, 0.8)  # inserts the peak threshold line
     spec = load_spec(tmp_path)
     assert {label.name: label.threshold for label in spec.labels} == {"Lung": 0.5, "Nodule": 0.3}
+    assert {label.name: label.peak_threshold for label in spec.labels} == {"Lung": 0.0, "Nodule": 0.8}
     assert spec.study_finding is not None and spec.study_finding.threshold == 0.5
+    set_operating_point(tmp_path, 0.4, 0.6)  # replaces both in place
+    spec = load_spec(tmp_path)
+    assert (spec.labels[1].threshold, spec.labels[1].peak_threshold) == (0.4, 0.6)
+    assert (tmp_path / "model.toml").read_text().count("peak_threshold") == 1
+
+
+def test_component_detections_separate_false_positives_from_hits_with_their_peaks() -> None:
+    from models.spec import load_spec as _load
+
+    finding = _load(BUNDLE).labels[1]
+    truth = np.zeros((20, 30, 30), dtype=bool)
+    truth[2:6, 2:6, 2:6] = True  # a 64-voxel nodule: 512 mm3 at 2 mm, about 9.9 mm across
+    label_map = np.zeros(truth.shape, dtype=np.uint8)
+    probability = np.zeros(truth.shape, dtype=np.float32)
+    label_map[3:6, 3:6, 3:6] = 2
+    probability[3:6, 3:6, 3:6] = 0.6
+    probability[4, 4, 4] = 0.97
+    label_map[12:15, 20:23, 20:23] = 2  # a false positive of 27 voxels, peak 0.55
+    probability[12:15, 20:23, 20:23] = 0.55
+    label_map[18, 28, 28] = 2  # one voxel (8 mm3): under min_size_mm3, not counted
+    probability[18, 28, 28] = 0.99
+    components, nodules = _component_detections(label_map, probability, truth, finding, 8.0)
+    assert sorted(components) == [(pytest.approx(0.55), False), (pytest.approx(0.97), True)]
+    assert len(nodules) == 1 and nodules[0][0] == pytest.approx((6 * 512 / np.pi) ** (1 / 3))
+    assert nodules[0][1] == pytest.approx(0.97)
+
