@@ -58,6 +58,9 @@ ACCEPT_DEFER_SECONDS = 0.002
 #: After an A-ABORT: how long and how much of the peer's in-flight data we read before closing.
 ABORT_LINGER_SECONDS = 0.5
 ABORT_DRAIN_BYTES = 8 << 20
+#: After an A-ASSOCIATE-RJ: how long we wait for the requestor to close the connection (PS3.8's
+#: ARTIM wait, state Sta13) before closing it ourselves.
+REJECT_LINGER_SECONDS = 2.0
 #: Upper bound on a P-DATA-TF body when ``receiver.max_pdu_bytes = 0`` (unlimited) was announced.
 UNLIMITED_PDU_BYTES = (1 << 32) - 1
 
@@ -275,6 +278,20 @@ class UpperLayerAssociation:
         except OSError:
             pass
 
+    def _await_peer_close(self) -> None:
+        """Wait (bounded) for the requestor to close after our A-ASSOCIATE-RJ, as PS3.8 has the acceptor do.
+
+        Closing first races the reject: a requestor that sees the connection end before it has
+        processed the RJ reports a dropped connection instead of "rejected, local limit exceeded".
+        """
+        try:
+            self.sock.settimeout(REJECT_LINGER_SECONDS)
+            deadline = time.monotonic() + REJECT_LINGER_SECONDS
+            while time.monotonic() < deadline and self.sock.recv_into(self._buffer) > 0:
+                pass
+        except OSError:
+            pass
+
     def _establish(self) -> bool:
         """Read the A-ASSOCIATE-RQ, admit and negotiate; send AC (return True) or RJ (return False)."""
         pdu_type, body = self._read_pdu(MAX_ASSOCIATE_RQ_BYTES)
@@ -309,6 +326,7 @@ class UpperLayerAssociation:
             self.sock.sendall(rj.encode())
             self.outcome = "rejected"
             self.reason = decision.reason
+            self._await_peer_close()
             return False
         self._holds_slot = True
         result, ac_roles = negotiate_as_acceptor(rq_contexts, self.server.contexts, rq_roles)
