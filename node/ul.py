@@ -268,27 +268,22 @@ class UpperLayerAssociation:
             # Close gracefully: closing with unread bytes would send a TCP reset, which can destroy
             # the A-ABORT before the peer reads it. Read what is in flight (bounded), then close.
             self.sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + ABORT_LINGER_SECONDS
-            drained = 0
+            self._read_until_peer_closes(ABORT_LINGER_SECONDS)
+        except OSError:
+            pass
+
+    def _read_until_peer_closes(self, seconds: float) -> None:
+        """Read and drop what the peer sends until it closes, for at most ``seconds`` and
+        `ABORT_DRAIN_BYTES`; socket errors end the wait."""
+        deadline = time.monotonic() + seconds
+        drained = 0
+        try:
+            self.sock.settimeout(seconds)
             while drained < ABORT_DRAIN_BYTES and time.monotonic() < deadline:
                 n = self.sock.recv_into(self._buffer)
                 if n == 0:
                     break
                 drained += n
-        except OSError:
-            pass
-
-    def _await_peer_close(self) -> None:
-        """Wait (bounded) for the requestor to close after our A-ASSOCIATE-RJ, as PS3.8 has the acceptor do.
-
-        Closing first races the reject: a requestor that sees the connection end before it has
-        processed the RJ reports a dropped connection instead of "rejected, local limit exceeded".
-        """
-        try:
-            self.sock.settimeout(REJECT_LINGER_SECONDS)
-            deadline = time.monotonic() + REJECT_LINGER_SECONDS
-            while time.monotonic() < deadline and self.sock.recv_into(self._buffer) > 0:
-                pass
         except OSError:
             pass
 
@@ -326,7 +321,10 @@ class UpperLayerAssociation:
             self.sock.sendall(rj.encode())
             self.outcome = "rejected"
             self.reason = decision.reason
-            self._await_peer_close()
+            # PS3.8 (Sta13): the requestor closes after an RJ. Closing first races the reject: a
+            # requestor that sees the connection end before it has processed the RJ reports a
+            # dropped connection instead of "rejected, local limit exceeded".
+            self._read_until_peer_closes(REJECT_LINGER_SECONDS)
             return False
         self._holds_slot = True
         result, ac_roles = negotiate_as_acceptor(rq_contexts, self.server.contexts, rq_roles)
