@@ -3,8 +3,9 @@
 The recipe: phantoms from `models.phantoms` (seeded, varied geometry, anatomy, intensity, noise and
 nodules) → the bundle's own preprocessing plan (`pipeline.preprocess.run_plan`, exactly what inference
 runs; the label maps follow the same geometric steps with nearest-neighbour sampling) → random patches,
-most of them centred on a nodule → augmentation (rotation about the body axis, shifts, left–right
-flips, scaling, intensity scale/shift, noise) → 3-D U-Net with a "nodule present" head → loss = soft
+most of them centred on a nodule (6–10 mm ones drawn more often) → augmentation (rotation about the
+body axis, shifts, left–right flips, scaling as one affine resampling per batch; intensity scale/shift,
+noise) → 3-D U-Net with a "nodule present" head → loss = soft
 Dice + cross-entropy on the segmentation, binary cross-entropy on the head (a patch is positive when
 it holds nodule voxels; the study score is the maximum over windows, as at inference) → validation
 every epoch on separate seeds with the real sliding-window inference → checkpoints, a CSV log of the
@@ -69,6 +70,7 @@ class TrainSettings:
     workers: int = 2
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,8 @@ class Case:
     image: NDArray[np.float32]
     labels: NDArray[np.uint8]
     nodule_centers: tuple[tuple[int, int, int], ...]
+    #: Equivalent-sphere diameter of each nodule on the network grid, in the order of ``nodule_centers``.
+    nodule_diameters_mm: tuple[float, ...] = ()
 
 
 def phantom_shape_for(seed: int) -> tuple[int, int, int]:
@@ -120,7 +124,8 @@ def load_cases(seeds: Sequence[int], bundle_dir: Path, cache_dir: Path, workers:
     from models.spec import load_spec
 
     # The cache is valid for one plan and one version of the generator's code.
-    steps = load_spec(bundle_dir).preprocess
+    spec = load_spec(bundle_dir)
+    steps = spec.preprocess
     generator = Path(models.phantoms.__file__).read_bytes()
     plan_key = hashlib.sha256(repr(tuple((s.op, dict(s.params)) for s in steps)).encode() + generator).hexdigest()[:12]
     folder = cache_dir / plan_key
@@ -135,15 +140,37 @@ def load_cases(seeds: Sequence[int], bundle_dir: Path, cache_dir: Path, workers:
                                     centers=np.asarray(case.nodule_centers, dtype=np.int32).reshape(-1, 3))
                 os.replace(tmp, folder / f"{case.seed}.npz")
         logger.info("event=cases_prepared count=%d seconds=%.1f", len(missing), time.perf_counter() - started)
+    voxel_mm3 = _grid_voxel_mm3(spec)
     cases = []
     for s in seeds:
         with np.load(folder / f"{s}.npz") as data:
-            cases.append(Case(s, data["image"].astype(np.float32), data["labels"],
-                              tuple(tuple(int(v) for v in c) for c in data["centers"])))
+            image = data["image"].astype(np.float32)
+            labels = data["labels"]
+            centers = tuple(tuple(int(v) for v in c) for c in data["centers"])
+        # Same labelling as `prepare_case`, so the sizes come in the order of the centres.
+        nodule_cc, _ = ndimage.label(labels == NODULE)
+        voxels = np.bincount(nodule_cc.ravel())[1:]
+        diameters = tuple(float(2.0 * (3.0 * v * voxel_mm3 / (4.0 * math.pi)) ** (1.0 / 3.0)) for v in voxels)
+        cases.append(Case(s, image, labels, centers, diameters))
     return cases
 
 
 # ------------------------------------------------------------------------------------------ sampling
+
+#: Nodules with an equivalent diameter (mm, on the network grid) in this band are drawn this many
+#: times more often than others as the centre of a nodule patch. The 6–10 mm nodules are the ones the
+#: network underfits (with uniform sampling a third of them on the training phantoms themselves never
+#: reached probability 0.5) and most of what the ≥ 6 mm sensitivity misses; smaller ones are left at
+#: the base weight so that faint specks do not teach the network to flag noise.
+SMALL_NODULE_BAND_MM = (5.0, 11.0)
+SMALL_NODULE_WEIGHT = 2.5
+#: Augmentation ranges: in-plane rotation (degrees), isotropic scale, intensity gain and offset (on the
+#: normalised 0–1 window), white-noise sigma.
+ROTATION_DEGREES = 15.0
+SCALE_RANGE = (0.85, 1.15)
+GAIN_RANGE = (0.9, 1.1)
+OFFSET_RANGE = (-0.05, 0.05)
+NOISE_SIGMA_MAX = 0.03
 
 
 def _crop(array: NDArray[Any], start: Sequence[int], size: Sequence[int], fill: float) -> NDArray[Any]:
@@ -160,54 +187,94 @@ def _crop(array: NDArray[Any], start: Sequence[int], size: Sequence[int], fill: 
     return out
 
 
-def sample_patch(case: Case, patch: Sequence[int], rng: np.random.Generator, nodule_fraction: float,
-                 ) -> tuple[NDArray[np.float32], NDArray[np.uint8]]:
-    """A training patch with augmentation: rotation about z, scaling, shift, flips, intensity, noise."""
-    angle = float(rng.uniform(-15, 15))
-    scale = float(rng.uniform(0.85, 1.15))
-    # Cut a larger block so rotation and scaling never pull in the patch's own padding.
-    margin = [int(math.ceil(p * (1.0 / 0.85) * (1.0 if i == 0 else 1.3))) for i, p in enumerate(patch)]
-    draw = rng.random()  # drawn for every patch, so a case's nodules do not shift the stream
-    if case.nodule_centers and draw < nodule_fraction:
-        center = np.asarray(case.nodule_centers[int(rng.integers(len(case.nodule_centers)))], float)
-        center += rng.uniform(-0.35, 0.35, 3) * np.asarray(patch)
-    else:
-        center = np.asarray([rng.uniform(0, n) for n in case.image.shape])
-    start = [int(round(c - m / 2)) for c, m in zip(center, margin)]
-    image = _crop(case.image, start, margin, fill=0.0)
-    labels = _crop(case.labels, start, margin, fill=0)
-    if abs(angle) > 0.5:
-        image = ndimage.rotate(image, angle, axes=(1, 2), reshape=False, order=1, mode="nearest")
-        labels = ndimage.rotate(labels, angle, axes=(1, 2), reshape=False, order=0, mode="nearest")
-    # Scaling: sample the central block of size patch/scale and resize it to the patch.
-    block = [min(m, max(4, int(round(p / scale)))) for p, m in zip(patch, margin)]
-    offset = [(m - b) // 2 for m, b in zip(margin, block)]
-    sl = tuple(slice(o, o + b) for o, b in zip(offset, block))
-    image, labels = image[sl], labels[sl]
-    zoom = [p / b for p, b in zip(patch, block)]
-    image = ndimage.zoom(image, zoom, order=1, mode="nearest", grid_mode=True)
-    labels = ndimage.zoom(labels, zoom, order=0, mode="nearest", grid_mode=True)
-    image = _crop(image, (0, 0, 0), patch, 0.0)
-    labels = _crop(labels, (0, 0, 0), patch, 0)
-    if rng.random() < 0.5:
-        image, labels = image[:, :, ::-1], labels[:, :, ::-1]
-    image = image * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.05, 0.05))
-    sigma = float(rng.uniform(0.0, 0.03))
-    if sigma > 0:
-        image = image + rng.normal(0.0, sigma, image.shape)
-    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(labels, dtype=np.uint8)
+def block_size(patch: Sequence[int]) -> tuple[int, int, int]:
+    """The block cut around a patch centre so that the largest rotation and the smallest scale never
+    reach past it: the patch over the smallest scale, and in-plane times cos + sin of the largest angle."""
+    angle = math.radians(ROTATION_DEGREES)
+    spread = math.cos(angle) + math.sin(angle)
+    return tuple(int(math.ceil(p / SCALE_RANGE[0] * (1.0 if i == 0 else spread))) + 2  # type: ignore[return-value]
+                 for i, p in enumerate(patch))
 
 
-def batches(cases: Sequence[Case], settings: TrainSettings, rng: np.random.Generator,
-            ) -> Iterator[tuple[NDArray[np.float32], NDArray[np.uint8]]]:
-    while True:
-        images, labels = [], []
-        for _ in range(settings.batch_size):
+def nodule_weights(cases: Sequence[Case]) -> tuple[list[tuple[int, int]], NDArray[np.float64]]:
+    """Every nodule of ``cases`` as (case index, nodule index), with its probability of being the
+    centre of a nodule patch: uniform over nodules, those in `SMALL_NODULE_BAND_MM` `SMALL_NODULE_WEIGHT`
+    times more."""
+    index, weights = [], []
+    for c, case in enumerate(cases):
+        for n in range(len(case.nodule_centers)):
+            small = (n < len(case.nodule_diameters_mm)
+                     and SMALL_NODULE_BAND_MM[0] <= case.nodule_diameters_mm[n] < SMALL_NODULE_BAND_MM[1])
+            index.append((c, n))
+            weights.append(SMALL_NODULE_WEIGHT if small else 1.0)
+    w = np.asarray(weights, dtype=np.float64)
+    return index, (w / w.sum() if w.size else w)
+
+
+def sample_batch(cases: Sequence[Case], patch: Sequence[int], batch_size: int, rng: np.random.Generator,
+                 nodule_fraction: float, generator: Any = None, nodules: Any = None) -> tuple[Any, Any]:
+    """A batch of augmented training patches as torch tensors: images ``(B, 1, z, y, x)`` float32 and
+    labels ``(B, z, y, x)`` int64.
+
+    Per patch: a centre (a nodule, drawn by `nodule_weights`, with ``nodule_fraction``; else anywhere
+    in a random case), shifted by up to ±35 % of the patch; then rotation about the body axis, scaling
+    and a left–right flip, all applied as one affine resampling of the block around the centre
+    (trilinear for the image, nearest for the labels: one ``grid_sample`` per batch, about 4x faster
+    than rotating and zooming each patch with scipy); then intensity gain, offset and white noise.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    index, probabilities = nodules if nodules is not None else nodule_weights(cases)
+    block = block_size(patch)
+    images = np.empty((batch_size, 1, *block), dtype=np.float32)
+    labels = np.empty((batch_size, 1, *block), dtype=np.float32)
+    theta = np.zeros((batch_size, 3, 4), dtype=np.float32)
+    gain = np.empty(batch_size, dtype=np.float32)
+    offset = np.empty(batch_size, dtype=np.float32)
+    sigma = np.empty(batch_size, dtype=np.float32)
+    half_patch = np.asarray(patch[::-1], dtype=np.float64) / 2.0  # x, y, z
+    half_block = np.asarray(block[::-1], dtype=np.float64) / 2.0
+    for b in range(batch_size):
+        if index and rng.random() < nodule_fraction:
+            c, n = index[int(rng.choice(len(index), p=probabilities))]
+            case = cases[c]
+            center = np.asarray(case.nodule_centers[n], float) + rng.uniform(-0.35, 0.35, 3) * np.asarray(patch)
+        else:
             case = cases[int(rng.integers(len(cases)))]
-            image, label = sample_patch(case, settings.patch_zyx, rng, settings.nodule_patch_fraction)
-            images.append(image)
-            labels.append(label)
-        yield np.stack(images)[:, None], np.stack(labels)
+            center = np.asarray([rng.uniform(0, n) for n in case.image.shape])
+        start = [int(round(c - m / 2)) for c, m in zip(center, block)]
+        images[b, 0] = _crop(case.image, start, block, fill=0.0)
+        labels[b, 0] = _crop(case.labels, start, block, fill=0)
+        angle = math.radians(float(rng.uniform(-ROTATION_DEGREES, ROTATION_DEGREES)))
+        scale = float(rng.uniform(*SCALE_RANGE))
+        flip = -1.0 if rng.random() < 0.5 else 1.0
+        # Output voxel offsets (x, y, z) from the patch centre, rotated in the axial plane and divided
+        # by the scale, are the block offsets sampled; in grid_sample's normalised coordinates
+        # (align_corners=False) an offset of u voxels is u / (size / 2).
+        rotation = np.array([[math.cos(angle), -math.sin(angle), 0.0],
+                             [math.sin(angle), math.cos(angle), 0.0],
+                             [0.0, 0.0, 1.0]])
+        linear = np.diag(1.0 / half_block) @ rotation @ np.diag(half_patch * np.array([flip, 1.0, 1.0])) / scale
+        theta[b, :, :3] = linear
+        gain[b] = rng.uniform(*GAIN_RANGE)
+        offset[b] = rng.uniform(*OFFSET_RANGE)
+        sigma[b] = rng.uniform(0.0, NOISE_SIGMA_MAX)
+    size = (batch_size, 1, *patch)
+    grid = F.affine_grid(torch.from_numpy(theta), list(size), align_corners=False)
+    x = F.grid_sample(torch.from_numpy(images), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    y = F.grid_sample(torch.from_numpy(labels), grid, mode="nearest", padding_mode="border", align_corners=False)
+    noise = torch.randn(size, generator=generator) * torch.from_numpy(sigma).view(-1, 1, 1, 1, 1)
+    x = x * torch.from_numpy(gain).view(-1, 1, 1, 1, 1) + torch.from_numpy(offset).view(-1, 1, 1, 1, 1) + noise
+    return x.contiguous(), y[:, 0].round().to(torch.int64)
+
+
+def batches(cases: Sequence[Case], settings: TrainSettings, rng: np.random.Generator, generator: Any = None,
+            ) -> Iterator[tuple[Any, Any]]:
+    nodules = nodule_weights(cases)
+    while True:
+        yield sample_batch(cases, settings.patch_zyx, settings.batch_size, rng, settings.nodule_patch_fraction,
+                           generator, nodules)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -291,6 +358,30 @@ def mixed_precision(precision: str, device: Any) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def compiled_for_training(network: Any, mode: str, device: Any) -> Any:
+    """The module the training steps call: ``torch.compile`` of ``network`` or ``network`` itself.
+
+    ``"auto"`` compiles where torch's inductor can build its kernels (CUDA, or a CPU with a C++
+    compiler on the PATH): a training step of the default network then takes 0.39 s instead of 0.47 s
+    (8 patches of 24x48x48, bfloat16, 2-core EPYC), for about 50 s of compilation once. The compiled
+    module shares the parameters; validation runs the plain module in eval mode, so the compiled graph
+    only ever sees training shapes.
+    """
+    import shutil
+
+    import torch
+
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"compile must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "off":
+        return network
+    if mode == "auto" and device.type != "cuda" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        logger.info("event=compile_skipped reason=no_cxx_compiler")
+        return network
+    logger.info("event=training_compiled mode=%s", mode)
+    return torch.compile(network)
+
+
 def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str, Any]:
     """Train, validate every epoch, keep the best checkpoint, and install it into the bundle."""
     import torch
@@ -325,10 +416,11 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
         logger.info("event=resumed checkpoint=%s", settings.resume)
     # Nodules are a fraction of a percent of the voxels even in nodule-centred patches: weight them up.
     class_weights = torch.tensor([1.0, 1.0, settings.nodule_class_weight], device=device)
+    forward = compiled_for_training(network, settings.compile, device)
     log_path = work_dir / "training_log.csv"
     best_score, best_epoch, history = -1.0, -1, []
     deadline = started + settings.minutes * 60.0
-    stream = batches(cases, settings, rng)
+    stream = batches(cases, settings, rng, torch.Generator().manual_seed(settings.seed))
     train_started = time.perf_counter()
     budget_seconds = max(60.0, deadline - train_started)
     step = 0
@@ -339,6 +431,16 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
         fraction = min(1.0, (time.perf_counter() - train_started) / budget_seconds)
         warmup = min(1.0, (step + 1) / 20.0)
         return settings.learning_rate * warmup * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * fraction)))
+
+    def training_loss(module: Any, x: Any, y: Any) -> Any:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            seg, cls = module(x)
+        seg = seg.float()
+        loss = F.cross_entropy(seg, y, weight=class_weights) + soft_dice_loss(seg, y, (LUNG, NODULE), per_sample=(NODULE,))
+        if cls is not None:
+            patch_positive = (y == NODULE).flatten(1).sum(1).ge(8).float().unsqueeze(1)
+            loss = loss + 0.5 * F.binary_cross_entropy_with_logits(cls.float(), patch_positive)
+        return loss
 
     epoch = 0
     with open(log_path, "w", newline="") as log_file:
@@ -351,17 +453,21 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
                     group["lr"] = learning_rate()
                 step += 1
                 images, labels = next(stream)
-                x = torch.from_numpy(images).to(device).contiguous(memory_format=torch.channels_last_3d)
-                y = torch.from_numpy(labels.astype(np.int64)).to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    seg, cls = network(x)
-                seg = seg.float()
-                loss = F.cross_entropy(seg, y, weight=class_weights) + soft_dice_loss(seg, y, (LUNG, NODULE), per_sample=(NODULE,))
-                if cls is not None:
-                    patch_positive = (y == NODULE).flatten(1).sum(1).ge(8).float().unsqueeze(1)
-                    loss = loss + 0.5 * F.binary_cross_entropy_with_logits(cls.float(), patch_positive)
+                x = images.to(device).contiguous(memory_format=torch.channels_last_3d)
+                y = labels.to(device)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                try:
+                    loss = training_loss(forward, x, y)
+                    loss.backward()
+                except Exception as exc:  # noqa: BLE001 - a compiler failure must not end the run
+                    if forward is network:
+                        raise
+                    logger.warning("event=compile_failed error=%s; training continues uncompiled",
+                                   type(exc).__name__)
+                    forward = network
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = training_loss(forward, x, y)
+                    loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
             metrics = validate(network, validation, spec, device)
@@ -644,6 +750,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=defaults.precision,
                         help="bf16 autocast (auto: on CUDA and CPUs with native bfloat16)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default=defaults.compile,
+                        help="torch.compile the training steps (auto: on CUDA, or with a C++ compiler)")
     parser.add_argument("--calibrate-only", action="store_true",
                         help="do not train: choose the finding label's thresholds for the bundle's installed "
                              "weights on the calibration phantoms and write them into model.toml")
@@ -659,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              workers=args.workers, nodule_class_weight=args.nodule_class_weight,
                              resume=args.resume, patch_zyx=args.patch,
                              nodule_patch_fraction=args.nodule_patch_fraction, device=args.device,
-                             precision=args.precision)
+                             precision=args.precision, compile=args.compile)
     summary = train(args.bundle, args.work_dir, settings)
     print(json.dumps(summary, indent=2))
     return 0

@@ -16,11 +16,14 @@ from models.loader import load_model, sha256_file
 from models.spec import load_spec
 from models.train import (
     PEAK_THRESHOLDS,
+    SMALL_NODULE_BAND_MM,
+    SMALL_NODULE_WEIGHT,
     Case,
     TrainSettings,
     _component_detections,
     mixed_precision,
-    sample_patch,
+    nodule_weights,
+    sample_batch,
     soft_dice_loss,
     train,
 )
@@ -55,21 +58,55 @@ def test_per_sample_dice_weighs_a_small_nodule_like_a_large_one() -> None:
     assert float(pooled) < 0.02 < 0.15 < float(per_sample)
 
 
-def test_patches_keep_image_and_labels_aligned_under_augmentation() -> None:
+def _box_case(seed: int = 1) -> Case:
     image = np.zeros((40, 90, 90), dtype=np.float32)
     labels = np.zeros(image.shape, dtype=np.uint8)
     labels[10:30, 20:70, 20:70] = 1
     labels[18:22, 43:47, 43:47] = 2
     image[labels == 1] = 0.2
     image[labels == 2] = 0.9
-    case = Case(1, image, labels, ((20, 45, 45),))
+    return Case(seed, image, labels, ((20, 45, 45),), (5.0,))
+
+
+def test_patches_keep_image_and_labels_aligned_under_augmentation() -> None:
     rng = np.random.default_rng(3)
-    for _ in range(6):
-        patch, patch_labels = sample_patch(case, (16, 32, 32), rng, nodule_fraction=1.0)
-        assert patch.shape == patch_labels.shape == (16, 32, 32) and patch.dtype == np.float32
+    generator = torch.Generator().manual_seed(3)
+    images, labels = sample_batch([_box_case()], (16, 32, 32), 6, rng, nodule_fraction=1.0, generator=generator)
+    assert images.shape == (6, 1, 16, 32, 32) and images.dtype == torch.float32
+    assert labels.shape == (6, 16, 32, 32) and labels.dtype == torch.int64
+    for patch, patch_labels in zip(images[:, 0].numpy(), labels.numpy()):
         assert (patch_labels == 2).any()
         # intensity augmentation is at most ±10 % and ±0.05 plus a little noise
         assert float(np.median(patch[patch_labels == 2])) > 0.6 > float(np.median(patch[patch_labels == 1]))
+        if (patch_labels == 0).any():
+            assert float(np.median(patch[patch_labels == 1])) > 0.1 > float(np.median(patch[patch_labels == 0]))
+
+
+def test_augmentation_rotates_scales_and_flips_the_patch() -> None:
+    # An L-shaped structure: any rotation, scaling or flip changes which voxels it covers.
+    image = np.zeros((24, 80, 80), dtype=np.float32)
+    labels = np.zeros(image.shape, dtype=np.uint8)
+    labels[8:16, 30:50, 30:34] = 1
+    labels[8:16, 46:50, 30:50] = 1
+    image[labels == 1] = 1.0
+    case = Case(1, image, labels, ((12, 40, 40),), (20.0,))
+    rng = np.random.default_rng(5)
+    _, labels_out = sample_batch([case], (8, 48, 48), 16, rng, nodule_fraction=1.0)
+    masks = {labels_out[b].numpy().tobytes() for b in range(16)}
+    assert len(masks) == 16  # no two patches alike
+    sizes = labels_out.flatten(1).sum(1).float()
+    assert float(sizes.max() / sizes.min()) > 1.2  # scaling changes the structure's size
+
+
+def test_small_nodules_are_drawn_more_often() -> None:
+    box = _box_case()
+    low, high = SMALL_NODULE_BAND_MM
+    cases = [Case(s, box.image, box.labels, box.nodule_centers, (d,))
+             for s, d in enumerate((high + 5.0, (low + high) / 2, low - 2.0))]
+    index, probabilities = nodule_weights(cases)
+    assert index == [(0, 0), (1, 0), (2, 0)]
+    assert probabilities[1] == pytest.approx(SMALL_NODULE_WEIGHT * probabilities[0])
+    assert probabilities[2] == pytest.approx(probabilities[0])
 
 
 def test_precision_choice() -> None:
