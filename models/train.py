@@ -47,6 +47,14 @@ VALIDATION_SEED_BASE = 20_000
 LUNG, NODULE = 1, 2
 
 
+#: Nodules with an equivalent diameter (mm, on the network grid) in this band are drawn this many
+#: times more often than others as the centre of a nodule patch. The 6–10 mm nodules are the ones the
+#: network underfits (with uniform sampling a third of them on the training phantoms themselves never
+#: reached probability 0.5) and most of what the ≥ 6 mm sensitivity misses; smaller ones are left at
+#: the base weight so that faint specks do not teach the network to flag noise.
+SMALL_NODULE_BAND_MM = (5.0, 11.0)
+SMALL_NODULE_WEIGHT = 2.5
+
 @dataclass(frozen=True, slots=True)
 class TrainSettings:
     """Knobs of one training run; the defaults reproduce the shipped weights."""
@@ -63,6 +71,8 @@ class TrainSettings:
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     nodule_patch_fraction: float = 0.8
+    #: Sampling weight of 6–10 mm nodules (`SMALL_NODULE_BAND_MM`) relative to the others.
+    small_nodule_weight: float = SMALL_NODULE_WEIGHT
     nodule_class_weight: float = 15.0
     resume: Path | None = None
     seed: int = 20261121
@@ -157,13 +167,6 @@ def load_cases(seeds: Sequence[int], bundle_dir: Path, cache_dir: Path, workers:
 
 # ------------------------------------------------------------------------------------------ sampling
 
-#: Nodules with an equivalent diameter (mm, on the network grid) in this band are drawn this many
-#: times more often than others as the centre of a nodule patch. The 6–10 mm nodules are the ones the
-#: network underfits (with uniform sampling a third of them on the training phantoms themselves never
-#: reached probability 0.5) and most of what the ≥ 6 mm sensitivity misses; smaller ones are left at
-#: the base weight so that faint specks do not teach the network to flag noise.
-SMALL_NODULE_BAND_MM = (5.0, 11.0)
-SMALL_NODULE_WEIGHT = 2.5
 #: Augmentation ranges: in-plane rotation (degrees), isotropic scale, intensity gain and offset (on the
 #: normalised 0–1 window), white-noise sigma.
 ROTATION_DEGREES = 15.0
@@ -196,9 +199,10 @@ def block_size(patch: Sequence[int]) -> tuple[int, int, int]:
                  for i, p in enumerate(patch))
 
 
-def nodule_weights(cases: Sequence[Case]) -> tuple[list[tuple[int, int]], NDArray[np.float64]]:
+def nodule_weights(cases: Sequence[Case], small_weight: float = SMALL_NODULE_WEIGHT,
+                   ) -> tuple[list[tuple[int, int]], NDArray[np.float64]]:
     """Every nodule of ``cases`` as (case index, nodule index), with its probability of being the
-    centre of a nodule patch: uniform over nodules, those in `SMALL_NODULE_BAND_MM` `SMALL_NODULE_WEIGHT`
+    centre of a nodule patch: uniform over nodules, those in `SMALL_NODULE_BAND_MM` ``small_weight``
     times more."""
     index, weights = [], []
     for c, case in enumerate(cases):
@@ -206,7 +210,7 @@ def nodule_weights(cases: Sequence[Case]) -> tuple[list[tuple[int, int]], NDArra
             small = (n < len(case.nodule_diameters_mm)
                      and SMALL_NODULE_BAND_MM[0] <= case.nodule_diameters_mm[n] < SMALL_NODULE_BAND_MM[1])
             index.append((c, n))
-            weights.append(SMALL_NODULE_WEIGHT if small else 1.0)
+            weights.append(small_weight if small else 1.0)
     w = np.asarray(weights, dtype=np.float64)
     return index, (w / w.sum() if w.size else w)
 
@@ -271,7 +275,7 @@ def sample_batch(cases: Sequence[Case], patch: Sequence[int], batch_size: int, r
 
 def batches(cases: Sequence[Case], settings: TrainSettings, rng: np.random.Generator, generator: Any = None,
             ) -> Iterator[tuple[Any, Any]]:
-    nodules = nodule_weights(cases)
+    nodules = nodule_weights(cases, settings.small_nodule_weight)
     while True:
         yield sample_batch(cases, settings.patch_zyx, settings.batch_size, rng, settings.nodule_patch_fraction,
                            generator, nodules)
@@ -747,6 +751,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--patch", type=lambda v: tuple(int(x) for x in v.split(",")), default=defaults.patch_zyx,
                         help="training patch Z,Y,X in voxels of the plan's grid")
     parser.add_argument("--nodule-patch-fraction", type=float, default=defaults.nodule_patch_fraction)
+    parser.add_argument("--small-nodule-weight", type=float, default=defaults.small_nodule_weight,
+                        help="how much more often 6-10 mm nodules centre a patch than other nodules")
     parser.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=defaults.precision,
                         help="bf16 autocast (auto: on CUDA and CPUs with native bfloat16)")
@@ -766,7 +772,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              max_epochs=args.max_epochs, batch_size=args.batch_size, threads=args.threads,
                              workers=args.workers, nodule_class_weight=args.nodule_class_weight,
                              resume=args.resume, patch_zyx=args.patch,
-                             nodule_patch_fraction=args.nodule_patch_fraction, device=args.device,
+                             nodule_patch_fraction=args.nodule_patch_fraction,
+                             small_nodule_weight=args.small_nodule_weight, device=args.device,
                              precision=args.precision, compile=args.compile)
     summary = train(args.bundle, args.work_dir, settings)
     print(json.dumps(summary, indent=2))
