@@ -21,6 +21,7 @@ from models.train import (
     Case,
     TrainSettings,
     _component_detections,
+    compiled_for_training,
     mixed_precision,
     nodule_weights,
     sample_batch,
@@ -123,7 +124,7 @@ def test_a_tiny_training_run_installs_weights_the_registry_loads(tmp_path: Path)
     bundle.mkdir()
     shutil.copy(BUNDLE / "model.toml", bundle / "model.toml")
     settings = TrainSettings(train_cases=2, validation_cases=1, calibration_cases=2, minutes=5.0, max_epochs=2, steps_per_epoch=2,
-                             batch_size=1, patch_zyx=(16, 32, 32), workers=1, precision="fp32")
+                             batch_size=1, patch_zyx=(16, 32, 32), workers=1, precision="fp32", compile="off")
     summary = train(bundle, tmp_path / "work", settings)
     assert summary["epochs"] == 2 and summary["best_epoch"] in (1, 2)
     spec = load_spec(bundle)
@@ -138,6 +139,40 @@ def test_a_tiny_training_run_installs_weights_the_registry_loads(tmp_path: Path)
     if summary_file["finding_peak_threshold"] is not None:
         assert summary_file["calibration_cases"] == 2
         assert spec.labels[1].peak_threshold == summary_file["finding_peak_threshold"]
+
+
+def test_training_goes_on_uncompiled_when_the_compiler_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    calls = []
+
+    def failing_compile(module: torch.nn.Module) -> object:
+        def run(x: torch.Tensor) -> object:
+            calls.append(x.shape)
+            raise RuntimeError("inductor: no working C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copy(BUNDLE / "model.toml", bundle / "model.toml")
+    settings = TrainSettings(train_cases=1, validation_cases=1, calibration_cases=1, minutes=5.0, max_epochs=1,
+                             steps_per_epoch=3, batch_size=1, patch_zyx=(16, 32, 32), workers=1, precision="fp32",
+                             compile="on")
+    with caplog.at_level("WARNING", logger="models.train"):
+        summary = train(bundle, tmp_path / "work", settings)
+    assert len(calls) == 1  # tried once, then the plain module for every step
+    assert summary["epochs"] == 1 and "event=compile_failed" in caplog.text
+    load_model(load_spec(bundle), "cpu")
+
+
+def test_compile_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    network = torch.nn.Conv3d(1, 1, 1)
+    cpu = torch.device("cpu")
+    assert compiled_for_training(network, "off", cpu) is network
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert compiled_for_training(network, "auto", cpu) is network  # no C++ compiler: eager
+    with pytest.raises(ValueError, match="compile"):
+        compiled_for_training(network, "always", cpu)
 
 
 def test_operating_point_is_written_into_the_finding_label_only(tmp_path: Path) -> None:
