@@ -99,15 +99,17 @@ def test_augmentation_rotates_scales_and_flips_the_patch() -> None:
     assert float(sizes.max() / sizes.min()) > 1.2  # scaling changes the structure's size
 
 
-def test_small_nodules_are_drawn_more_often() -> None:
+def test_nodules_in_the_small_band_can_be_drawn_more_often() -> None:
     box = _box_case()
     low, high = SMALL_NODULE_BAND_MM
     cases = [Case(s, box.image, box.labels, box.nodule_centers, (d,))
              for s, d in enumerate((high + 5.0, (low + high) / 2, low - 2.0))]
-    index, probabilities = nodule_weights(cases)
+    index, probabilities = nodule_weights(cases, small_weight=2.5)
     assert index == [(0, 0), (1, 0), (2, 0)]
-    assert probabilities[1] == pytest.approx(SMALL_NODULE_WEIGHT * probabilities[0])
+    assert probabilities[1] == pytest.approx(2.5 * probabilities[0])
     assert probabilities[2] == pytest.approx(probabilities[0])
+    default = np.array([1.0, SMALL_NODULE_WEIGHT, 1.0])  # what the shipped weights were trained with
+    assert np.allclose(nodule_weights(cases)[1], default / default.sum())
 
 
 def test_precision_choice() -> None:
