@@ -3,11 +3,10 @@
 The recipe: phantoms from `models.phantoms` (seeded, varied geometry, anatomy, intensity, noise and
 nodules) → the bundle's own preprocessing plan (`pipeline.preprocess.run_plan`, exactly what inference
 runs; the label maps follow the same geometric steps with nearest-neighbour sampling) → random patches,
-most of them centred on a nodule → augmentation (rotation about the
-body axis, shifts, left–right flips, scaling as one affine resampling per batch; intensity scale/shift,
-noise) → 3-D U-Net with a "nodule present" head → loss = soft
-Dice + cross-entropy on the segmentation, binary cross-entropy on the head (a patch is positive when
-it holds nodule voxels; the study score is the maximum over windows, as at inference) → validation
+most of them centred on a nodule → augmentation (rotation about the body axis, shifts, left–right
+flips, scaling as one affine resampling per batch; intensity scale/shift, noise) → 3-D U-Net with a
+"nodule present" head → loss = soft Dice + cross-entropy on the segmentation, binary cross-entropy
+on the head (a patch is positive when it holds nodule voxels; the study score is the maximum over windows, as at inference) → validation
 every epoch on separate seeds with the real sliding-window inference → checkpoints, a CSV log of the
 curves, then the best weights written into the bundle with their sha256 in ``model.toml``, and
 finally the finding label's operating point (voxel and peak thresholds) chosen on validation phantoms.
