@@ -159,7 +159,7 @@ def load_cases(seeds: Sequence[int], bundle_dir: Path, cache_dir: Path, workers:
         # Same labelling as `prepare_case`, so the sizes come in the order of the centres.
         nodule_cc, _ = ndimage.label(labels == NODULE)
         voxels = np.bincount(nodule_cc.ravel())[1:]
-        diameters = tuple(float(2.0 * (3.0 * v * voxel_mm3 / (4.0 * math.pi)) ** (1.0 / 3.0)) for v in voxels)
+        diameters = tuple(_equivalent_diameter_mm(v, voxel_mm3) for v in voxels)
         cases.append(Case(s, image, labels, centers, diameters))
     return cases
 
@@ -559,6 +559,11 @@ def _grid_voxel_mm3(spec: Any) -> float:
     return volume
 
 
+def _equivalent_diameter_mm(voxels: float, voxel_mm3: float) -> float:
+    """Diameter of the sphere with the volume of ``voxels`` voxels of ``voxel_mm3`` each."""
+    return float((6.0 * float(voxels) * voxel_mm3 / math.pi) ** (1.0 / 3.0))
+
+
 def _component_detections(label_map: NDArray[Any], probability: NDArray[Any], truth: NDArray[np.bool_],
                           finding: Any, voxel_mm3: float) -> tuple[list[tuple[float, bool]], list[tuple[float, float]]]:
     """Per predicted component (min size applied): (peak probability, overlaps a true nodule); per true
@@ -581,8 +586,7 @@ def _component_detections(label_map: NDArray[Any], probability: NDArray[Any], tr
         for t in np.unique(overlapped[overlapped > 0]):
             peak_of[int(t)] = max(peak_of.get(int(t), 0.0), peak)
     sizes = ndimage.sum_labels(truth, truth_cc, range(1, truth_count + 1)) if truth_count else []
-    nodules = [((6.0 * float(n) * voxel_mm3 / math.pi) ** (1.0 / 3.0), peak_of.get(i, -1.0))
-               for i, n in enumerate(sizes, start=1)]
+    nodules = [(_equivalent_diameter_mm(n, voxel_mm3), peak_of.get(i, -1.0)) for i, n in enumerate(sizes, start=1)]
     return components, nodules
 
 
