@@ -57,7 +57,7 @@ MANIFEST_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "preprocess": (frozenset({"op"}), frozenset()),
     "inference": (frozenset({"patch_size_zyx"}),
                   frozenset({"overlap", "batch_size", "gaussian_sigma_scale",
-                             "whole_volume_max_voxels"})),
+                             "whole_volume_max_voxels", "mirror_axes"})),
     "labels": (frozenset({"value", "name", "category", "type", "color_rgb"}),
                frozenset({"threshold", "peak_threshold", "min_size_mm3", "max_findings", "is_finding",
                           "finding_site"})),
@@ -214,7 +214,9 @@ class InferenceSpec:
     ``gaussian_sigma_scale`` the Gaussian importance map's sigma as a fraction of the window size
     (nnU-Net uses 1/8). ``whole_volume_max_voxels`` > 0 lets a fully convolutional network see a volume
     of at most that many voxels as one window of its own size instead of overlapping windows (on a CPU
-    this avoids computing the overlaps again; 0 = always use windows).
+    this avoids computing the overlaps again; 0 = always use windows). ``mirror_axes`` (0 = z, 1 = y,
+    2 = x) turns on test-time mirroring: each window also runs mirrored along every non-empty subset
+    of these axes, and the mirrored-back logits are averaged (2^n forward passes for n axes).
     """
 
     patch_size_zyx: tuple[int, int, int] = (64, 128, 128)
@@ -222,6 +224,7 @@ class InferenceSpec:
     batch_size: int = 2
     gaussian_sigma_scale: float = 0.125
     whole_volume_max_voxels: int = 0
+    mirror_axes: tuple[int, ...] = ()
 
 
 class SegmentationType(StrEnum):
@@ -503,8 +506,13 @@ def _parse_inference(p: _Parser, raw: Any) -> InferenceSpec:
     batch = p.integer(t, "batch_size", prefix="inference", default=2, minimum=1)
     sigma = p.number(t, "gaussian_sigma_scale", prefix="inference", default=0.125, positive=True)
     whole = p.integer(t, "whole_volume_max_voxels", prefix="inference", default=0, minimum=0)
+    mirror = t.get("mirror_axes", [])
+    if (not isinstance(mirror, list) or len(set(mirror)) != len(mirror)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2 for v in mirror)):
+        p.fail("inference.mirror_axes", "must be a list of distinct axes among 0 (z), 1 (y), 2 (x)")
     return InferenceSpec(patch_size_zyx=(patch[0], patch[1], patch[2]), overlap=overlap,
-                         batch_size=batch, gaussian_sigma_scale=sigma, whole_volume_max_voxels=whole)
+                         batch_size=batch, gaussian_sigma_scale=sigma, whole_volume_max_voxels=whole,
+                         mirror_axes=tuple(sorted(mirror)))
 
 
 def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:

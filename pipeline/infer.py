@@ -6,9 +6,10 @@ overlap (the last window flush with the far edge, as nnU-Net places them); each 
 weighted by a Gaussian importance map (centre trusted more than the edges) and the sums divided by the
 summed weights, so the blend is an exact weighted mean: a model that returns its input reproduces the
 input. A manifest may let a small enough volume run as one window of its own size
-(``whole_volume_max_voxels``: no overlap computed twice, the fastest on a CPU). A volume smaller than
-the window is padded (with each channel's minimum, i.e. air for normalised
-CT) and cropped back. Windows go through the network in batches under ``torch.inference_mode``, with
+(``whole_volume_max_voxels``: no overlap computed twice, the fastest on a CPU), and may ask for
+test-time mirroring (``mirror_axes``: logits averaged over mirror images of each window). A volume
+smaller than the window is padded (with each channel's minimum, i.e. air for normalised CT) and
+cropped back. Windows go through the network in batches under ``torch.inference_mode``, with
 autocast (bf16, or fp16 where bf16 is unsupported) on CUDA. On CUDA out-of-memory the whole volume is
 retried with half the batch, then (if the volume ran as one window) with overlapping windows, then on
 the CPU, each step logged. This module knows nothing of DICOM, geometry or the manifest's other
@@ -201,11 +202,10 @@ def sliding_window_logits(module: nn.Module | Callable[[Tensor], Any], array_czy
             if device.type == "cpu":
                 # oneDNN's 3-D convolutions are faster on channels-last tensors (see `models.loader`).
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            seg, cls = split_outputs(module(x))
+            seg, cls = _mirrored_outputs(module, x, spec.mirror_axes)
             if tuple(seg.shape[2:]) != patch or seg.shape[0] != len(chunk):
                 raise ValueError(f"model returned {tuple(seg.shape)} for input {tuple(batch.shape)}; "
                                  "segmentation output must keep the batch and spatial size")
-            seg = seg.float()
             if logits_sum is None:
                 logits_sum = torch.zeros((seg.shape[1], *padded_shape), dtype=torch.float32,
                                          device=device)
@@ -220,6 +220,30 @@ def sliding_window_logits(module: nn.Module | Callable[[Tensor], Any], array_czy
     logits = logits_sum / weight_sum
     crop = (slice(None), *(slice(b, b + s) for b, s in zip(before, shape)))
     return logits[crop], study_logit, len(windows)
+
+
+def _mirrored_outputs(module: nn.Module | Callable[[Tensor], Any], x: Tensor,
+                      mirror_axes: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+    """The model's float32 segmentation logits and classification logits for ``x`` ``[B, C, z, y, x]``,
+    averaged over ``x`` and its mirror images along every non-empty subset of ``mirror_axes`` (spatial
+    axes 0–2), each output mirrored back first (test-time mirroring, as nnU-Net does)."""
+    seg_sum: Tensor | None = None
+    cls_sum: Tensor | None = None
+    variants = [()] + [combo for n in range(1, len(mirror_axes) + 1)
+                       for combo in itertools.combinations(mirror_axes, n)]
+    for combo in variants:
+        dims = [2 + axis for axis in combo]
+        seg, cls = split_outputs(module(torch.flip(x, dims) if dims else x))
+        seg = seg.float()
+        if dims and seg.ndim == x.ndim:
+            seg = torch.flip(seg, dims)
+        seg_sum = seg if seg_sum is None else seg_sum + seg
+        if cls is not None:
+            cls_sum = cls.float() if cls_sum is None else cls_sum + cls.float()
+    if seg_sum is None:  # unreachable: the unmirrored variant always runs
+        raise ValueError("no forward pass")
+    count = float(len(variants))
+    return seg_sum / count, (cls_sum / count if cls_sum is not None else None)
 
 
 #: Voxels shared by neighbouring tiles (`tile_patch`): 32 mm at 2 mm, beyond most of what a border sees.

@@ -239,6 +239,17 @@ def test_whole_volume_inference_limit_is_read_and_must_not_be_negative(manifest:
         parse(manifest, bundle)
 
 
+def test_mirror_axes_are_read_sorted_and_must_be_distinct_spatial_axes(manifest: dict[str, Any],
+                                                                      bundle: Path) -> None:
+    assert parse(manifest, bundle).inference.mirror_axes == ()
+    manifest["inference"]["mirror_axes"] = [2, 0]
+    assert parse(manifest, bundle).inference.mirror_axes == (0, 2)
+    for bad in ([3], [1, 1], ["x"], 2, [True]):
+        manifest["inference"]["mirror_axes"] = bad
+        with pytest.raises(SpecError, match="inference.mirror_axes"):
+            parse(manifest, bundle)
+
+
 @settings(max_examples=200, deadline=None)
 @given(modality=st.text(max_size=4), body_part=st.text(max_size=12), slices=st.integers(-5, 5000),
        thickness=st.none() | st.floats(0, 20), image_type=st.lists(st.text(max_size=10), max_size=4),

@@ -323,3 +323,52 @@ def test_volume_over_the_whole_volume_limit_runs_as_the_fewest_tiles_that_fit() 
     # A big chest crop: a handful of tiles, about 1.2-1.4x the work, never the manifest's small windows.
     patch = tile_patch((300, 260, 200), 3_000_000)
     assert int(np.prod(patch)) <= 3_000_000 and min(patch) >= 64
+
+
+class RampModel(torch.nn.Module):
+    """Not mirror-equivariant: adds each voxel's x index to its input; the study logit is the mean of
+    the window's left half (low x), and every call is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls.append(tuple(x.shape))
+        ramp = torch.arange(x.shape[-1], dtype=x.dtype).view(1, 1, 1, 1, -1)
+        left = x[..., : x.shape[-1] // 2].mean(dim=(1, 2, 3, 4))[:, None]
+        return x + ramp, left
+
+
+def test_test_time_mirroring_averages_the_mirrored_back_outputs() -> None:
+    volume = random_volume((1, 6, 10, 12), seed=3)
+    width = volume.shape[-1]
+    whole = InferenceSpec((8, 16, 16), 0.5, 1, whole_volume_max_voxels=10**6)
+    model = RampModel()
+    plain, plain_study, _ = sliding_window_logits(model, volume, whole, torch.device("cpu"), 1)
+    assert len(model.calls) == 1
+    np.testing.assert_allclose(plain.numpy(), volume + np.arange(width, dtype=np.float32), atol=1e-5)
+
+    model = RampModel()
+    mirrored = InferenceSpec((8, 16, 16), 0.5, 1, whole_volume_max_voxels=10**6, mirror_axes=(2,))
+    logits, study, _ = sliding_window_logits(model, volume, mirrored, torch.device("cpu"), 1)
+    assert len(model.calls) == 2  # the window and its left-right mirror image
+    # The ramp and its mirror image average to (width - 1) / 2 everywhere; the input comes back in place.
+    np.testing.assert_allclose(logits.numpy(), volume + (width - 1) / 2.0, atol=1e-5)
+    halves = (volume[..., : width // 2].mean() + volume[..., width - width // 2:].mean()) / 2.0
+    assert study == pytest.approx(float(halves), abs=1e-5)
+    assert plain_study == pytest.approx(float(volume[..., : width // 2].mean()), abs=1e-5)
+
+    model = RampModel()
+    all_axes = InferenceSpec((8, 16, 16), 0.5, 1, whole_volume_max_voxels=10**6, mirror_axes=(0, 1, 2))
+    logits, _, _ = sliding_window_logits(model, volume, all_axes, torch.device("cpu"), 1)
+    assert len(model.calls) == 8
+    np.testing.assert_allclose(logits.numpy(), volume + (width - 1) / 2.0, atol=1e-5)
+
+
+def test_test_time_mirroring_leaves_a_mirror_equivariant_model_unchanged() -> None:
+    volume = random_volume((1, 20, 37, 29), seed=4)
+    spec = InferenceSpec((8, 16, 16), 0.5, 3, mirror_axes=(1, 2))
+    logits, _, windows = sliding_window_logits(Identity(), volume, spec, torch.device("cpu"), 3)
+    assert windows > 1
+    np.testing.assert_allclose(logits.numpy(), volume, rtol=1e-6, atol=1e-6)
