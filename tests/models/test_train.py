@@ -215,3 +215,27 @@ def test_component_detections_separate_false_positives_from_hits_with_their_peak
     assert len(nodules) == 1 and nodules[0][0] == pytest.approx((6 * 512 / np.pi) ** (1 / 3))
     assert nodules[0][1] == pytest.approx(0.97)
 
+
+
+def test_validation_runs_without_the_manifests_test_time_mirroring() -> None:
+    # Choosing the best epoch runs after every epoch: mirroring there would cost training time.
+    from models.spec import load_spec as _load
+    from models.train import validate
+
+    spec = _load(BUNDLE)
+    assert spec.inference.mirror_axes  # the shipped manifest mirrors at inference
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            seen.append(tuple(x.shape))
+            logits = torch.zeros((x.shape[0], 3, *x.shape[2:]))
+            logits[:, 1] = x[:, 0]  # "lung" where the image is bright
+            return logits, x.mean(dim=(1, 2, 3, 4))[:, None]
+
+    labels = np.zeros((8, 16, 16), dtype=np.uint8)
+    labels[2:6, 4:12, 4:12] = 1
+    cases = [Case(seed, labels.astype(np.float32), labels, ()) for seed in (1, 2)]
+    metrics = validate(Recording(), cases, spec, "cpu")
+    assert len(seen) == len(cases)  # one pass per case, no mirrored pass
+    assert metrics["val_lung_dice"] == pytest.approx(1.0)
