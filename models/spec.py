@@ -57,7 +57,7 @@ MANIFEST_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "preprocess": (frozenset({"op"}), frozenset()),
     "inference": (frozenset({"patch_size_zyx"}),
                   frozenset({"overlap", "batch_size", "gaussian_sigma_scale",
-                             "whole_volume_max_voxels", "mirror_axes"})),
+                             "whole_volume_max_voxels", "mirror_axes", "mirror_max_voxels"})),
     "labels": (frozenset({"value", "name", "category", "type", "color_rgb"}),
                frozenset({"threshold", "peak_threshold", "min_size_mm3", "max_findings", "is_finding",
                           "finding_site"})),
@@ -216,7 +216,8 @@ class InferenceSpec:
     of at most that many voxels as one window of its own size instead of overlapping windows (on a CPU
     this avoids computing the overlaps again; 0 = always use windows). ``mirror_axes`` (0 = z, 1 = y,
     2 = x) turns on test-time mirroring: each window also runs mirrored along every non-empty subset
-    of these axes, and the mirrored-back logits are averaged (2^n forward passes for n axes).
+    of these axes, and the mirrored-back logits are averaged (2^n forward passes for n axes), for
+    volumes of at most ``mirror_max_voxels`` (0 = any size).
     """
 
     patch_size_zyx: tuple[int, int, int] = (64, 128, 128)
@@ -225,6 +226,7 @@ class InferenceSpec:
     gaussian_sigma_scale: float = 0.125
     whole_volume_max_voxels: int = 0
     mirror_axes: tuple[int, ...] = ()
+    mirror_max_voxels: int = 0
 
 
 class SegmentationType(StrEnum):
@@ -512,7 +514,9 @@ def _parse_inference(p: _Parser, raw: Any) -> InferenceSpec:
         p.fail("inference.mirror_axes", "must be a list of distinct axes among 0 (z), 1 (y), 2 (x)")
     return InferenceSpec(patch_size_zyx=(patch[0], patch[1], patch[2]), overlap=overlap,
                          batch_size=batch, gaussian_sigma_scale=sigma, whole_volume_max_voxels=whole,
-                         mirror_axes=tuple(sorted(mirror)))
+                         mirror_axes=tuple(sorted(mirror)),
+                         mirror_max_voxels=p.integer(t, "mirror_max_voxels", prefix="inference", default=0,
+                                                     minimum=0))
 
 
 def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:

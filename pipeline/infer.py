@@ -7,9 +7,9 @@ weighted by a Gaussian importance map (centre trusted more than the edges) and t
 summed weights, so the blend is an exact weighted mean: a model that returns its input reproduces the
 input. A manifest may let a small enough volume run as one window of its own size
 (``whole_volume_max_voxels``: no overlap computed twice, the fastest on a CPU), and may ask for
-test-time mirroring (``mirror_axes``: logits averaged over mirror images of each window). A volume
-smaller than the window is padded (with each channel's minimum, i.e. air for normalised CT) and
-cropped back. Windows go through the network in batches under ``torch.inference_mode``, with
+test-time mirroring (``mirror_axes``, up to ``mirror_max_voxels``: logits averaged over mirror
+images of each window). A volume smaller than the window is padded (with each channel's minimum, i.e.
+air for normalised CT) and cropped back. Windows go through the network in batches under ``torch.inference_mode``, with
 autocast (bf16, or fp16 where bf16 is unsupported) on CUDA. On CUDA out-of-memory the whole volume is
 retried with half the batch, then (if the volume ran as one window) with overlapping windows, then on
 the CPU, each step logged. This module knows nothing of DICOM, geometry or the manifest's other
@@ -148,8 +148,9 @@ def infer(model_handle: ModelHandle | nn.Module | Callable[[Tensor], Any],
     del logits
     _release(target)
     seconds = time.perf_counter() - started
-    log.info("event=infer_done device=%s windows=%d batch_size=%d seconds=%.3f", target, windows, batch,
-             seconds)
+    mirrored = ",".join(str(a) for a in mirror_axes_for(array.shape[1:], spec)) or "none"
+    log.info("event=infer_done device=%s windows=%d batch_size=%d mirror_axes=%s seconds=%.3f", target,
+             windows, batch, mirrored, seconds)
     return InferenceOutput(probabilities_czyx=probabilities, study_logit=study_logit, device=str(target),
                            batch_size=batch, windows=windows, seconds=seconds)
 
@@ -173,6 +174,7 @@ def sliding_window_logits(module: nn.Module | Callable[[Tensor], Any], array_czy
     shape = tuple(int(n) for n in array_czyx.shape[1:])
     patch = tuple(int(n) for n in spec.patch_size_zyx)
     overlap = spec.overlap
+    mirror_axes = mirror_axes_for(shape, spec)
     if _whole_volume(shape, spec):
         patch = shape  # one window of the volume's own size (the manifest vouches the network takes it)
     elif spec.whole_volume_max_voxels > 0:
@@ -202,7 +204,7 @@ def sliding_window_logits(module: nn.Module | Callable[[Tensor], Any], array_czy
             if device.type == "cpu":
                 # oneDNN's 3-D convolutions are faster on channels-last tensors (see `models.loader`).
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            seg, cls = _mirrored_outputs(module, x, spec.mirror_axes)
+            seg, cls = _mirrored_outputs(module, x, mirror_axes)
             if tuple(seg.shape[2:]) != patch or seg.shape[0] != len(chunk):
                 raise ValueError(f"model returned {tuple(seg.shape)} for input {tuple(batch.shape)}; "
                                  "segmentation output must keep the batch and spatial size")
@@ -220,6 +222,14 @@ def sliding_window_logits(module: nn.Module | Callable[[Tensor], Any], array_czy
     logits = logits_sum / weight_sum
     crop = (slice(None), *(slice(b, b + s) for b, s in zip(before, shape)))
     return logits[crop], study_logit, len(windows)
+
+
+def mirror_axes_for(shape_zyx: tuple[int, ...], spec: InferenceSpec) -> tuple[int, ...]:
+    """The test-time mirroring a volume of ``shape_zyx`` gets: the manifest's ``mirror_axes``, or none
+    for a volume over ``mirror_max_voxels`` (0 = no limit), which keeps large volumes in time."""
+    if spec.mirror_max_voxels and math.prod(int(n) for n in shape_zyx) > spec.mirror_max_voxels:
+        return ()
+    return tuple(spec.mirror_axes)
 
 
 def _mirrored_outputs(module: nn.Module | Callable[[Tensor], Any], x: Tensor,

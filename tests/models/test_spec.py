@@ -248,6 +248,13 @@ def test_mirror_axes_are_read_sorted_and_must_be_distinct_spatial_axes(manifest:
         manifest["inference"]["mirror_axes"] = bad
         with pytest.raises(SpecError, match="inference.mirror_axes"):
             parse(manifest, bundle)
+    manifest["inference"]["mirror_axes"] = [2]
+    assert parse(manifest, bundle).inference.mirror_max_voxels == 0  # no limit
+    manifest["inference"]["mirror_max_voxels"] = 3_000_000
+    assert parse(manifest, bundle).inference.mirror_max_voxels == 3_000_000
+    manifest["inference"]["mirror_max_voxels"] = -1
+    with pytest.raises(SpecError, match="inference.mirror_max_voxels"):
+        parse(manifest, bundle)
 
 
 @settings(max_examples=200, deadline=None)

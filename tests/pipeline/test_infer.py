@@ -366,6 +366,20 @@ def test_test_time_mirroring_averages_the_mirrored_back_outputs() -> None:
     np.testing.assert_allclose(logits.numpy(), volume + (width - 1) / 2.0, atol=1e-5)
 
 
+def test_test_time_mirroring_is_skipped_for_volumes_over_its_voxel_limit(caplog: pytest.LogCaptureFixture) -> None:
+    volume = random_volume((1, 6, 10, 12), seed=5)
+    voxels = 6 * 10 * 12
+    for limit, passes, logged in ((voxels, 2, "mirror_axes=2"), (voxels - 1, 1, "mirror_axes=none")):
+        model = RampModel()
+        spec = InferenceSpec((8, 16, 16), 0.5, 1, whole_volume_max_voxels=10**6, mirror_axes=(2,),
+                             mirror_max_voxels=limit)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline.infer"):
+            infer(model, volume, spec)
+        assert len(model.calls) == passes
+        assert logged in caplog.text
+
+
 def test_test_time_mirroring_leaves_a_mirror_equivariant_model_unchanged() -> None:
     volume = random_volume((1, 20, 37, 29), seed=4)
     spec = InferenceSpec((8, 16, 16), 0.5, 3, mirror_axes=(1, 2))
