@@ -9,11 +9,11 @@ input. A manifest may let a small enough volume run as one window of its own siz
 (``whole_volume_max_voxels``: no overlap computed twice, the fastest on a CPU), and may ask for
 test-time mirroring (``mirror_axes``, up to ``mirror_max_voxels``: logits averaged over mirror
 images of each window). A volume smaller than the window is padded (with each channel's minimum, i.e.
-air for normalised CT) and cropped back. Windows go through the network in batches under ``torch.inference_mode``, with
-autocast (bf16, or fp16 where bf16 is unsupported) on CUDA. On CUDA out-of-memory the whole volume is
-retried with half the batch, then (if the volume ran as one window) with overlapping windows, then on
-the CPU, each step logged. This module knows nothing of DICOM, geometry or the manifest's other
-sections; it must not change its input.
+air for normalised CT) and cropped back. Windows go through the network in batches under
+``torch.inference_mode``, with autocast (bf16, or fp16 where bf16 is unsupported) on CUDA. On CUDA
+out-of-memory the whole volume is retried with half the batch, then (if the volume ran as one window)
+with overlapping windows, then on the CPU, each step logged. This module knows nothing of DICOM,
+geometry or the manifest's other sections; it must not change its input.
 """
 
 from __future__ import annotations

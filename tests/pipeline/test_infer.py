@@ -366,7 +366,8 @@ def test_test_time_mirroring_averages_the_mirrored_back_outputs() -> None:
     np.testing.assert_allclose(logits.numpy(), volume + (width - 1) / 2.0, atol=1e-5)
 
 
-def test_test_time_mirroring_is_skipped_for_volumes_over_its_voxel_limit(caplog: pytest.LogCaptureFixture) -> None:
+def test_test_time_mirroring_is_skipped_for_volumes_over_its_voxel_limit(
+        caplog: pytest.LogCaptureFixture) -> None:
     volume = random_volume((1, 6, 10, 12), seed=5)
     voxels = 6 * 10 * 12
     for limit, passes, logged in ((voxels, 2, "mirror_axes=2"), (voxels - 1, 1, "mirror_axes=none")):
