@@ -27,6 +27,7 @@ from models.train import (
     sample_batch,
     soft_dice_loss,
     train,
+    validate,
 )
 
 BUNDLE = Path(models.__file__).parent / "chest_ct_nodules"
@@ -216,13 +217,9 @@ def test_component_detections_separate_false_positives_from_hits_with_their_peak
     assert nodules[0][1] == pytest.approx(0.97)
 
 
-
 def test_validation_runs_without_the_manifests_test_time_mirroring() -> None:
     # Choosing the best epoch runs after every epoch: mirroring there would cost training time.
-    from models.spec import load_spec as _load
-    from models.train import validate
-
-    spec = _load(BUNDLE)
+    spec = load_spec(BUNDLE)
     assert spec.inference.mirror_axes  # the shipped manifest mirrors at inference
     seen: list[tuple[int, ...]] = []
 
