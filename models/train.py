@@ -6,9 +6,9 @@ runs; the label maps follow the same geometric steps with nearest-neighbour samp
 most of them centred on a nodule → augmentation (rotation about the body axis, shifts, left–right
 flips, scaling as one affine resampling per batch; intensity scale/shift, noise) → 3-D U-Net with a
 "nodule present" head → loss = soft Dice + cross-entropy on the segmentation, binary cross-entropy
-on the head (a patch is positive when it holds nodule voxels; the study score is the maximum over windows, as at inference) → validation
-every epoch on separate seeds with the real sliding-window inference → checkpoints, a CSV log of the
-curves, then the best weights written into the bundle with their sha256 in ``model.toml``, and
+on the head (a patch is positive when it holds nodule voxels; the study score is the maximum over
+windows, as at inference) → validation every epoch on separate seeds with the real sliding-window
+inference → checkpoints, a CSV log of the curves, then the best weights written into the bundle with their sha256 in ``model.toml``, and
 finally the finding label's operating point (voxel and peak thresholds) chosen on validation phantoms.
 
 Seeds are fixed (torch, numpy, phantom seeds), so a run is repeatable up to the floating-point
@@ -53,6 +53,7 @@ LUNG, NODULE = 1, 2
 #: the shipped weights were trained with weight 1 (uniform over nodules).
 SMALL_NODULE_BAND_MM = (5.0, 11.0)
 SMALL_NODULE_WEIGHT = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class TrainSettings:
