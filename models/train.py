@@ -8,8 +8,9 @@ flips, scaling as one affine resampling per batch; intensity scale/shift, noise)
 "nodule present" head → loss = soft Dice + cross-entropy on the segmentation, binary cross-entropy
 on the head (a patch is positive when it holds nodule voxels; the study score is the maximum over
 windows, as at inference) → validation every epoch on separate seeds with the real sliding-window
-inference → checkpoints, a CSV log of the curves, then the best weights written into the bundle with their sha256 in ``model.toml``, and
-finally the finding label's operating point (voxel and peak thresholds) chosen on validation phantoms.
+inference → checkpoints, a CSV log of the curves, then the best weights written into the bundle with
+their sha256 in ``model.toml``, and finally the finding label's operating point (voxel and peak
+thresholds) chosen on validation phantoms.
 
 Seeds are fixed (torch, numpy, phantom seeds), so a run is repeatable up to the floating-point
 non-determinism of multi-threaded CPU kernels. This is an offline tool: unlike the rest of `models`,
