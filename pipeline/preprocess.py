@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -609,14 +611,66 @@ def _spatial(array: NDArray[Any]) -> tuple[int, int, int]:
     return tuple(int(n) for n in array.shape[-3:])  # type: ignore[return-value]
 
 
+#: Resampling to at least this many voxels runs in slabs along the output's first axis, on several
+#: threads (numpy's gathers and arithmetic release the GIL). Mapping a 150×150×186 probability map back
+#: to a 300×429×531 source crop (the larger benchmark patient) took 0.19–0.28 s on 2 threads and
+#: 0.34–0.43 s in slabs on one, against 0.50 s in one pass, with a peak of 458 MB, 367 MB and 738 MB of
+#: numpy memory (tracemalloc): the slabs' temporaries stay small and in cache.
+PARALLEL_RESAMPLE_MIN_VOXELS = 2_000_000
+#: Slabs per thread (at least 2 threads' worth): smaller slabs bound the temporaries alive at once.
+_SLABS_PER_THREAD = 4
+
+_AxisSamples = tuple[NDArray[np.intp], "NDArray[np.intp] | None", "NDArray[np.float32] | None"]
+
+
+def resample_threads() -> int:
+    """Threads for one resampling: the CPUs this process may use, at most 4."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 4))
+
+
+def _axis_samples(n: int, step: float, size: int, order: int) -> _AxisSamples:
+    """Source indices (and linear weights) that output indices ``0..n-1`` sample along one axis."""
+    x = np.clip(np.arange(n, dtype=np.float64) * step, 0.0, size - 1)
+    if order == 0:
+        return np.floor(x + 0.5).astype(np.intp), None, None
+    lower = np.floor(x).astype(np.intp)
+    return lower, np.minimum(lower + 1, size - 1), (x - lower).astype(np.float32)
+
+
+def _resample_separable(array: NDArray[Any], samples: Sequence[_AxisSamples], dtype: np.dtype[Any]) -> NDArray[Any]:
+    out = array
+    for axis, (lower, upper, weight) in enumerate(samples):
+        if upper is None or weight is None:
+            out = np.take(out, lower, axis=axis)
+            continue
+        weight_shape = [1] * out.ndim
+        weight_shape[axis] = len(lower)
+        low = np.take(out, lower, axis=axis).astype(np.float32, copy=False)
+        high = np.take(out, upper, axis=axis).astype(np.float32, copy=False)
+        high -= low
+        high *= weight.reshape(weight_shape)
+        low += high
+        out = low
+    if out.dtype != dtype:
+        integer = np.issubdtype(dtype, np.integer)
+        out = (np.rint(out) if integer else out).astype(dtype)
+    return out
+
+
 def _resample_array(
-    array: NDArray[Any], step: Sequence[float], shape: Sequence[int], order: int
+    array: NDArray[Any], step: Sequence[float], shape: Sequence[int], order: int, *, threads: int | None = None
 ) -> NDArray[Any]:
     """Sample ``array`` at ``o * step`` for each output index ``o`` (``shape``), edges repeated.
 
     Orders 0 and 1 are separable, one axis at a time (twice as fast as `scipy.ndimage.affine_transform`
     for linear and six times for nearest, same values); higher orders use splines via
-    ``affine_transform``. The dtype is kept (integer input to order ≥ 1 is rounded).
+    ``affine_transform``. The dtype is kept (integer input to order ≥ 1 is rounded). An output of at
+    least `PARALLEL_RESAMPLE_MIN_VOXELS` is computed in slabs along its first axis, on ``threads``
+    threads (default `resample_threads`); every voxel gets the same value as in one pass.
     """
     if all(abs(s - 1.0) < 1e-9 for s in step) and tuple(array.shape) == tuple(shape):
         return array.copy()
@@ -630,27 +684,31 @@ def _resample_array(
             mode="nearest",
             prefilter=True,
         )
-    out = array
-    for axis, (st, n) in enumerate(zip(step, shape)):
-        size = out.shape[axis]
-        x = np.clip(np.arange(n, dtype=np.float64) * st, 0.0, size - 1)
-        if order == 0:
-            out = np.take(out, np.floor(x + 0.5).astype(np.intp), axis=axis)
-            continue
-        lower = np.floor(x).astype(np.intp)
-        upper = np.minimum(lower + 1, size - 1)
-        weight_shape = [1] * out.ndim
-        weight_shape[axis] = n
-        weight = (x - lower).astype(np.float32).reshape(weight_shape)
-        low = np.take(out, lower, axis=axis).astype(np.float32, copy=False)
-        high = np.take(out, upper, axis=axis).astype(np.float32, copy=False)
-        high -= low
-        high *= weight
-        low += high
-        out = low
-    if out.dtype != array.dtype:
-        integer = np.issubdtype(array.dtype, np.integer)
-        out = (np.rint(out) if integer else out).astype(array.dtype)
+    samples = [_axis_samples(int(n), float(st), size, order) for st, n, size in zip(step, shape, array.shape)]
+    threads = resample_threads() if threads is None else threads
+    slabs = min(max(threads, 2) * _SLABS_PER_THREAD, int(shape[0]))
+    if slabs < 2 or int(np.prod(shape)) < PARALLEL_RESAMPLE_MIN_VOXELS:
+        return _resample_separable(array, samples, array.dtype)
+    out = np.empty(tuple(int(n) for n in shape), dtype=array.dtype)
+    lower, upper, weight = samples[0]
+
+    def fill(bounds: tuple[int, int]) -> None:
+        a, b = bounds
+        first = int(lower[a:b].min())
+        last = int((lower if upper is None else upper)[a:b].max())
+        local: _AxisSamples = (lower[a:b] - first, None if upper is None else upper[a:b] - first,
+                               None if weight is None else weight[a:b])
+        out[a:b] = _resample_separable(array[first:last + 1], [local, *samples[1:]], array.dtype)
+
+    edges = np.linspace(0, int(shape[0]), slabs + 1).round().astype(int).tolist()
+    bounds = list(zip(edges[:-1], edges[1:]))
+    if threads < 2:
+        for pair in bounds:
+            fill(pair)
+        return out
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="resample") as pool:
+        for _ in pool.map(fill, bounds):
+            pass
     return out
 
 

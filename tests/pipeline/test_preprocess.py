@@ -70,6 +70,26 @@ def test_linear_resampling_reproduces_a_linear_ramp_exactly_at_interior_points()
     np.testing.assert_allclose(out.array_zyx[:19, 0, 0], np.arange(19) * 5.0, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("order", [0, 1])
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8])
+@pytest.mark.parametrize(("step", "shape"), [((0.45, 0.7, 1.3), (40, 33, 15)), ((1.6, 2.0, 0.25), (11, 12, 76)),
+                                             ((0.3, 1.0, 1.0), (57, 23, 19))])
+def test_resampling_in_slabs_gives_every_voxel_the_single_pass_value(
+    monkeypatch: pytest.MonkeyPatch, threads: int, order: int, dtype: type, step: tuple, shape: tuple
+) -> None:
+    from pipeline import preprocess
+
+    rng = np.random.default_rng(order)
+    array = (rng.random((17, 23, 19)) * 200).astype(dtype)
+    single = preprocess._resample_array(array, step, shape, order, threads=1)
+    monkeypatch.setattr(preprocess, "PARALLEL_RESAMPLE_MIN_VOXELS", 1)
+    slabs = preprocess._resample_array(array, step, shape, order, threads=threads)
+    assert slabs.shape == single.shape == shape
+    assert slabs.dtype == single.dtype == array.dtype
+    np.testing.assert_array_equal(slabs, single)
+
+
 @pytest.mark.parametrize("order", [0, 1, 3])
 def test_resampling_matches_scipy_affine_transform_with_edge_repetition(order: int) -> None:
     from scipy import ndimage
