@@ -60,7 +60,7 @@ MANIFEST_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                              "whole_volume_max_voxels", "mirror_axes", "mirror_max_voxels"})),
     "labels": (frozenset({"value", "name", "category", "type", "color_rgb"}),
                frozenset({"threshold", "peak_threshold", "min_size_mm3", "max_findings", "is_finding",
-                          "finding_site"})),
+                          "finding_site", "edge_refinement", "edge_margin_mm", "edge_min_probability"})),
     "segmentation": (frozenset(), frozenset({"type"})),
     "study_finding": (frozenset({"name", "code"}), frozenset({"threshold", "source"})),
     "outputs": (frozenset(), frozenset({"seg_series_description", "sr_series_description"})),
@@ -135,7 +135,11 @@ class LabelSpec:
     comes from ``threshold``; 0 = off), ``min_size_mm3`` the smallest connected component kept,
     ``max_findings`` the most components of a finding label kept per series (the highest-scoring
     ones; 0 = no limit), ``is_finding`` marks labels measured as findings in the SR (TID 1411),
-    ``finding_site`` the anatomic site reported with them.
+    ``finding_site`` the anatomic site reported with them. ``edge_refinement`` (`EDGE_REFINEMENTS`)
+    redraws each kept component's edge on the source image: ``"half_max"`` takes the voxels within
+    ``edge_margin_mm`` of it, connected to its confident core, whose value is at least halfway from
+    the surroundings to the component's median and whose probability is at least
+    ``edge_min_probability`` (`pipeline.postprocess.refine_edge`).
     """
 
     value: int
@@ -149,6 +153,13 @@ class LabelSpec:
     max_findings: int = 0
     is_finding: bool = False
     finding_site: CodeSpec | None = None
+    edge_refinement: str = "none"
+    edge_margin_mm: float = 3.0
+    edge_min_probability: float = 0.2
+
+
+#: Values of ``[[labels]] edge_refinement``.
+EDGE_REFINEMENTS = ("none", "half_max")
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,6 +549,12 @@ def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:
         peak = p.number(t, "peak_threshold", prefix=key, default=0.0)
         if not 0.0 <= peak <= 1.0:
             p.fail(f"{key}.peak_threshold", "must be in [0, 1]")
+        refinement = p.string(t, "edge_refinement", prefix=key, default="none")
+        if refinement not in EDGE_REFINEMENTS:
+            p.fail(f"{key}.edge_refinement", f"must be one of {', '.join(EDGE_REFINEMENTS)}, got {refinement!r}")
+        edge_probability = p.number(t, "edge_min_probability", prefix=key, default=0.2)
+        if not 0.0 <= edge_probability <= 1.0:
+            p.fail(f"{key}.edge_min_probability", "must be in [0, 1]")
         labels.append(LabelSpec(
             value=value,
             name=p.string(t, "name", prefix=key),
@@ -551,6 +568,9 @@ def _parse_labels(p: _Parser, raw: Any) -> tuple[LabelSpec, ...]:
             is_finding=p.boolean(t, "is_finding", prefix=key, default=False),
             finding_site=(p.code(t["finding_site"], f"{key}.finding_site")
                           if "finding_site" in t else None),
+            edge_refinement=refinement,
+            edge_margin_mm=p.number(t, "edge_margin_mm", prefix=key, default=3.0, minimum=0.0),
+            edge_min_probability=edge_probability,
         ))
     values = [label.value for label in labels]
     if len(set(values)) != len(values):

@@ -134,6 +134,9 @@ def test_missing_required_key_is_named(manifest: dict[str, Any], bundle: Path, k
         (lambda m: m["labels"][1].update(value=1), "label values must be unique"),
         (lambda m: m["labels"][0].update(threshold="high"), r"labels\[0\]\.threshold"),
         (lambda m: m["labels"][1].update(peak_threshold=1.5), r"labels\[1\]\.peak_threshold"),
+        (lambda m: m["labels"][1].update(edge_refinement="snake"), r"labels\[1\]\.edge_refinement"),
+        (lambda m: m["labels"][1].update(edge_min_probability=-0.1), r"labels\[1\]\.edge_min_probability"),
+        (lambda m: m["labels"][1].update(edge_margin_mm=-1.0), r"labels\[1\]\.edge_margin_mm"),
         (lambda m: m["weights"].update(sha256="abc"), "weights.sha256"),
         (lambda m: m["weights"].update(format="onnx"), "weights.format"),
         (lambda m: m["weights"].update(file="../elsewhere.pt"), "weights.file"),
@@ -171,6 +174,13 @@ def test_optional_sections_take_documented_defaults(manifest: dict[str, Any], bu
     assert DEFAULT_SR_SERIES_DESCRIPTION.endswith("NOT FOR DIAGNOSTIC USE")
     assert spec.segmentation.type is SegmentationType.BINARY
     assert spec.study_finding is None and spec.preprocess == () and spec.description == ""
+    assert all(label.edge_refinement == "none" for label in spec.labels)
+
+
+def test_edge_refinement_is_read_from_the_label(manifest: dict[str, Any], bundle: Path) -> None:
+    manifest["labels"][1].update(edge_refinement="half_max", edge_margin_mm=2.5, edge_min_probability=0.1)
+    label = parse(manifest, bundle).labels[1]
+    assert (label.edge_refinement, label.edge_margin_mm, label.edge_min_probability) == ("half_max", 2.5, 0.1)
 
 
 CHEST = SeriesCriteriaSpec(modality=("CT",), body_part=("CHEST",), min_slices=20,

@@ -217,3 +217,131 @@ def test_peak_threshold_drops_weak_components_and_keeps_the_full_extent_of_stron
     # Off (0): both components stay.
     result = postprocess(probabilities, _volume(nodule.shape), [LUNG_LABEL, replace(label, peak_threshold=0.0)])
     assert len(result.findings) == 2
+
+
+# --- Edge refinement (``edge_refinement = "half_max"``) -------------------------------------------------
+
+_EDGE_SPACING = (1.0, 0.7, 0.7)
+_EDGE_LABEL = replace(NODULE_LABEL, peak_threshold=0.9, edge_refinement="half_max", edge_margin_mm=3.0,
+                      edge_min_probability=0.2)
+
+
+def _distance_mm(shape: tuple[int, int, int], center_zyx: tuple[float, float, float]) -> np.ndarray:
+    grid = np.indices(shape, dtype=np.float64)
+    return np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(grid, center_zyx, _EDGE_SPACING)))
+
+
+def _occupancy(shape: tuple[int, int, int], center_zyx: tuple[float, float, float], radius_mm: float,
+               supersample: int = 4) -> np.ndarray:
+    """The fraction of each voxel inside a sphere (sampled on a grid ``supersample`` times finer)."""
+    n = supersample
+    offsets = (np.arange(n) + 0.5) / n - 0.5
+    grid = np.indices(shape, dtype=np.float64)
+    out = np.zeros(shape)
+    for dz in offsets:
+        for dy in offsets:
+            for dx in offsets:
+                d2 = sum(((g + o - c) * s) ** 2 for g, o, c, s in zip(grid, (dz, dy, dx), center_zyx, _EDGE_SPACING))
+                out += d2 <= radius_mm**2
+    return out / n**3
+
+
+def _blurred_ct(occupancy: np.ndarray, inside_hu: float, outside_hu: float = -850.0) -> Volume:
+    """A CT of an object (voxel occupancy 0..1, inside_hu) in lung (outside_hu), blurred like a scanner
+    (σ 0.8 mm)."""
+    from scipy import ndimage
+
+    hu = (outside_hu + (inside_hu - outside_hu) * occupancy).astype(np.float32)
+    hu = ndimage.gaussian_filter(hu, [0.8 / s for s in _EDGE_SPACING])
+    affine = np.diag([_EDGE_SPACING[2], _EDGE_SPACING[1], _EDGE_SPACING[0], 1.0])
+    return Volume(array_zyx=hu, affine_lps=affine)
+
+
+def _network_guess(distance: np.ndarray, radius_mm: float, halo_mm: float = 2.5) -> np.ndarray:
+    """What a network draws: nodule probability 0.95 in the core, 0.7 over the last 1.5 mm to
+    ``radius_mm``, 0.3 in a halo beyond it; lung (0.8) elsewhere."""
+    out = np.zeros((3, *distance.shape), dtype=np.float32)
+    out[2] = np.select([distance <= radius_mm - 1.5, distance <= radius_mm, distance <= radius_mm + halo_mm],
+                       [0.95, 0.7, 0.3], 0.0)
+    out[1] = np.where(out[2] >= 0.5, 0.04, 0.8)
+    out[0] = 1.0 - out[1] - out[2]
+    return out
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("drawn_radius_mm", [3.5, 6.0])
+def test_half_max_refinement_redraws_a_nodule_at_its_true_edge(drawn_radius_mm: float) -> None:
+    shape = (30, 50, 50)
+    distance = _distance_mm(shape, (15, 25, 25))
+    occupancy = _occupancy(shape, (15, 25, 25), 5.0)
+    truth = occupancy >= 0.5  # the voxels the nodule fills at least half of
+    ct = _blurred_ct(occupancy, 30.0)
+    probabilities = _network_guess(distance, drawn_radius_mm)
+    plain = postprocess(probabilities, ct, [LUNG_LABEL, replace(_EDGE_LABEL, edge_refinement="none")])
+    refined = postprocess(probabilities, ct, [LUNG_LABEL, _EDGE_LABEL])
+    before = plain.label_map.array_zyx == 2
+    after = refined.label_map.array_zyx == 2
+    assert _dice(before, truth) < 0.8
+    assert _dice(after, truth) > 0.9
+    true_ml = float(truth.sum()) * math.prod(_EDGE_SPACING) / 1000.0
+    assert len(refined.findings) == 1
+    error, plain_error = (abs(r.findings[0].volume_ml - true_ml) for r in (refined, plain))
+    assert error < 0.25 * true_ml and error < plain_error / 2
+    assert refined.findings[0].voxel_count == int(after.sum())
+    # Voxels the nodule gives up go to the label around it (lung), not background.
+    given_up = before & ~after
+    assert given_up.any() == (drawn_radius_mm > 5.0)
+    assert (refined.label_map.array_zyx[given_up] == 1).all()
+
+
+def test_half_max_refinement_stays_within_its_margin_and_where_the_network_sees_something() -> None:
+    shape = (30, 50, 60)
+    distance = _distance_mm(shape, (15, 25, 25))
+    occupancy = _occupancy(shape, (15, 25, 25), 5.0)
+    nodule = occupancy >= 0.5
+    wall = np.zeros(shape, dtype=bool)
+    wall[:, :, 32:] = True  # a chest wall the nodule touches (x ≥ 22.4 mm; the nodule reaches 21 mm)
+    ct = _blurred_ct(np.maximum(occupancy, wall), 30.0)
+    probabilities = _network_guess(distance, 4.0)
+    probabilities[2][wall & (distance > 5.0)] = 0.3  # the network bleeds a little into the wall
+    probabilities[0] = 1.0 - probabilities[1] - probabilities[2]
+    result = postprocess(probabilities, ct, [LUNG_LABEL, _EDGE_LABEL])
+    after = result.label_map.array_zyx == 2
+    assert _dice(after & ~wall, nodule & ~wall) > 0.9
+    # Into the wall it grows only up to the margin from what the network drew (4 mm + 3 mm).
+    assert after[wall].any() and distance[after].max() <= 4.0 + 3.0 + 0.01
+    # Where the network gives less than edge_min_probability, the wall is never taken.
+    probabilities[2][wall & (distance > 5.0)] = 0.1
+    probabilities[0] = 1.0 - probabilities[1] - probabilities[2]
+    result = postprocess(probabilities, ct, [LUNG_LABEL, _EDGE_LABEL])
+    assert not (result.label_map.array_zyx == 2)[wall & (distance > 5.0)].any()
+
+
+def test_half_max_refinement_keeps_the_networks_edge_without_contrast() -> None:
+    shape = (30, 50, 50)
+    distance = _distance_mm(shape, (15, 25, 25))
+    ct = _blurred_ct(_occupancy(shape, (15, 25, 25), 5.0), -820.0)  # 30 HU above the lung: no edge to find
+    probabilities = _network_guess(distance, 3.5)
+    plain = postprocess(probabilities, ct, [LUNG_LABEL, replace(_EDGE_LABEL, edge_refinement="none")])
+    refined = postprocess(probabilities, ct, [LUNG_LABEL, _EDGE_LABEL])
+    np.testing.assert_array_equal(refined.label_map.array_zyx, plain.label_map.array_zyx)
+
+
+def test_half_max_refinement_never_takes_another_nodules_voxels() -> None:
+    shape = (30, 50, 60)
+    first = _distance_mm(shape, (15, 25, 22))
+    second = _distance_mm(shape, (15, 25, 36))  # 9.8 mm apart: 0.8 mm between two 4.5 mm nodules
+    occupancy = np.maximum(_occupancy(shape, (15, 25, 22), 4.5), _occupancy(shape, (15, 25, 36), 4.5))
+    truth = occupancy >= 0.5
+    ct = _blurred_ct(occupancy, 30.0)
+    probabilities = np.maximum(_network_guess(first, 3.0), _network_guess(second, 3.0))
+    probabilities[1] = np.where(probabilities[2] >= 0.5, 0.04, 0.8)
+    probabilities[0] = np.clip(1.0 - probabilities[1] - probabilities[2], 0.0, 1.0)
+    result = postprocess(probabilities, ct, [LUNG_LABEL, _EDGE_LABEL])
+    after = result.label_map.array_zyx == 2
+    assert len(result.findings) == 2
+    assert sum(f.voxel_count for f in result.findings) == int(after.sum())
+    assert _dice(after, truth) > 0.85
