@@ -273,7 +273,7 @@ def postprocess(
                 weak += 1
             else:
                 if refine:
-                    box, mask, changed = _refine_component(spec, mask, box, label_map, channels, labels, source_hu)
+                    box, mask, changed = _refine_component(spec, mask, box, label_map, probability, labels, source_hu)
                     refined += changed
                 if spec.is_finding:
                     kept.append((_measure(spec, mask, box, source_hu, probability, voxel_mm3), box, mask))
@@ -390,7 +390,7 @@ def _refine_component(
     mask: NDArray[np.bool_],
     box: tuple[slice, ...],
     label_map: NDArray[np.uint8],
-    channels: Mapping[int, NDArray[np.floating[Any]]],
+    probability: NDArray[np.floating[Any]],
     labels: Sequence[LabelSpec],
     source_hu: Volume,
 ) -> tuple[tuple[slice, ...], NDArray[np.bool_], bool]:
@@ -407,9 +407,9 @@ def _refine_component(
     inner = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, big, strict=True))
     component = np.zeros(tuple(g.stop - g.start for g in big), dtype=bool)
     component[inner] = mask
-    probability = np.asarray(channels[spec.value][big], dtype=np.float32)
-    core = component & (probability >= max(spec.threshold, spec.peak_threshold))
-    new = refine_edge(component, core, np.asarray(source_hu.array_zyx[big]), probability, spacing,
+    local = np.asarray(probability[big], dtype=np.float32)
+    core = component & (local >= max(spec.threshold, spec.peak_threshold))
+    new = refine_edge(component, core, np.asarray(source_hu.array_zyx[big]), local, spacing,
                       margin_mm=spec.edge_margin_mm, min_probability=spec.edge_min_probability)
     if new is None:
         return box, mask, False
