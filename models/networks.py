@@ -92,16 +92,25 @@ class UNet3D(nn.Module):
         linear layer → one logit per input.
     dropout
         Channel dropout inside the blocks (training only).
+    deep_supervision
+        Number of coarser decoder levels (at most ``depth - 2``) that get their own 1×1×1 segmentation
+        head for training (nnU-Net's deep supervision): `forward_train` returns their logits too, so
+        that those levels learn from the labels directly. `forward` never runs them: inference and
+        TorchScript exports see ``(seg, cls)`` as for every network.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 2, width: int = 16, depth: int = 4,
                  norm: str = "instance", residual: bool = False, classification_head: bool = False,
-                 head_features: str = "bottleneck", max_width: int = 320, dropout: float = 0.0) -> None:
+                 head_features: str = "bottleneck", max_width: int = 320, dropout: float = 0.0,
+                 deep_supervision: int = 0) -> None:
         super().__init__()
         if depth < 1 or width < 1 or in_channels < 1 or out_channels < 1:
             raise ValueError("depth, width, in_channels and out_channels must be positive")
         if head_features not in ("bottleneck", "decoder", "both"):
             raise ValueError(f"head_features must be 'bottleneck', 'decoder' or 'both', got {head_features!r}")
+        if not 0 <= deep_supervision <= max(0, depth - 2):
+            raise ValueError(f"deep_supervision must be between 0 and depth - 2 = {max(0, depth - 2)}, "
+                             f"got {deep_supervision}")
         _norm(norm, 8)  # validates the name early
         widths = [min(width * 2 ** level, max_width) for level in range(depth)]
         self.multiple = 2 ** (depth - 1)
@@ -119,6 +128,9 @@ class UNet3D(nn.Module):
             self.decoders.append(ConvBlock(2 * widths[level], widths[level], norm=norm,
                                            residual=residual, dropout=dropout))
         self.seg_head = nn.Conv3d(widths[0], out_channels, 1)
+        # Auxiliary heads, finest first: level k (k = 1 .. deep_supervision) of the decoder.
+        self.aux_heads = nn.ModuleList(nn.Conv3d(widths[k], out_channels, 1)
+                                       for k in range(1, deep_supervision + 1))
         self.head_features = head_features
         self.has_head = classification_head
         pooled = 0
@@ -128,7 +140,8 @@ class UNet3D(nn.Module):
             pooled += 2 * widths[0]
         self.cls_head = nn.Linear(pooled, 1) if classification_head else nn.Identity()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def _run(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], list[Tensor]]:
+        """Segmentation logits, head logit and the decoder's outputs, coarsest level first."""
         size = x.shape[2:]
         pads: list[int] = []
         for n in (int(size[2]), int(size[1]), int(size[0])):  # F.pad order: last axis first
@@ -140,9 +153,11 @@ class UNet3D(nn.Module):
             x = encoder(x)
             skips.append(x)
         bottleneck = x
+        decoded: list[Tensor] = []
         for i, (up, decoder) in enumerate(zip(self.upsamplers, self.decoders)):
             x = up(x)
             x = decoder(torch.cat([x, skips[-2 - i]], dim=1))
+            decoded.append(x)
         seg = self.seg_head(x)
         seg = seg[:, :, : int(size[0]), : int(size[1]), : int(size[2])]
         cls: Optional[Tensor] = None
@@ -153,7 +168,24 @@ class UNet3D(nn.Module):
             if self.head_features in ("decoder", "both"):
                 pooled += [x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))]
             cls = self.cls_head(torch.cat(pooled, dim=1))
+        return seg, cls, decoded
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        seg, cls, _ = self._run(x)
         return seg, cls
+
+    @torch.jit.unused
+    def forward_train(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], list[Tensor]]:
+        """`forward` plus the deep-supervision outputs: ``(seg, cls, [aux_1, ...])``, ``aux_k`` the
+        logits of decoder level k on the input grid down-sampled ``2 ** k`` times (ceiling); an empty
+        list without ``deep_supervision``."""
+        seg, cls, decoded = self._run(x)
+        size = [int(n) for n in x.shape[2:]]
+        aux: list[Tensor] = []
+        for k, head in enumerate(self.aux_heads, start=1):
+            f = 2 ** k
+            aux.append(head(decoded[-1 - k])[:, :, : -(-size[0] // f), : -(-size[1] // f), : -(-size[2] // f)])
+        return seg, cls, aux
 
 
 class FCN3D(nn.Module):

@@ -313,6 +313,18 @@ def soft_dice_loss(logits: Any, target: Any, classes: Sequence[int], per_sample:
     return torch.stack(losses).mean()
 
 
+def downsampled_labels(labels: Any, factor: int) -> Any:
+    """Labels ``(B, z, y, x)`` on a grid ``factor`` times coarser, for a deep-supervision head: every
+    ``factor``-th voxel, and nodule wherever the coarse voxel's block holds any nodule voxel, so that a
+    nodule smaller than the coarse voxel is not dropped."""
+    import torch.nn.functional as F
+
+    coarse = labels[:, ::factor, ::factor, ::factor].clone()
+    nodule = F.max_pool3d((labels == NODULE).float().unsqueeze(1), factor, stride=factor, ceil_mode=True)[:, 0]
+    coarse[nodule[:, : coarse.shape[1], : coarse.shape[2], : coarse.shape[3]] > 0] = NODULE
+    return coarse
+
+
 def validate(network: Any, cases: Sequence[Case], spec: Any, device: Any = "cpu") -> dict[str, float]:
     """Sliding-window inference on whole validation cases (network grid): Dice per label, head AUC.
 
@@ -428,7 +440,9 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
         logger.info("event=resumed checkpoint=%s", settings.resume)
     # Nodules are a fraction of a percent of the voxels even in nodule-centred patches: weight them up.
     class_weights = torch.tensor([1.0, 1.0, settings.nodule_class_weight], device=device)
-    forward = compiled_for_training(network, settings.compile, device)
+    # The training pass: with the deep-supervision outputs where the network has them (`UNet3D`).
+    plain_forward = getattr(network, "forward_train", network)
+    forward = compiled_for_training(plain_forward, settings.compile, device)
     log_path = work_dir / "training_log.csv"
     best_score, best_epoch, history = -1.0, -1, []
     deadline = started + settings.minutes * 60.0
@@ -444,11 +458,20 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
         warmup = min(1.0, (step + 1) / 20.0)
         return settings.learning_rate * warmup * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * fraction)))
 
+    def segmentation_loss(seg: Any, y: Any) -> Any:
+        return F.cross_entropy(seg, y, weight=class_weights) + soft_dice_loss(seg, y, (LUNG, NODULE),
+                                                                               per_sample=(NODULE,))
+
     def training_loss(module: Any, x: Any, y: Any) -> Any:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            seg, cls = module(x)
+            outputs = module(x)
+        seg, cls = outputs[0], outputs[1]
         seg = seg.float()
-        loss = F.cross_entropy(seg, y, weight=class_weights) + soft_dice_loss(seg, y, (LUNG, NODULE), per_sample=(NODULE,))
+        loss = segmentation_loss(seg, y)
+        # Deep supervision: each coarser decoder level k against the labels down-sampled 2**k times,
+        # weighted 1 / 2**k (nnU-Net's scheme).
+        for k, aux in enumerate(outputs[2] if len(outputs) > 2 else (), start=1):
+            loss = loss + segmentation_loss(aux.float(), downsampled_labels(y, 2 ** k)) / 2 ** k
         if cls is not None:
             patch_positive = (y == NODULE).flatten(1).sum(1).ge(8).float().unsqueeze(1)
             loss = loss + 0.5 * F.binary_cross_entropy_with_logits(cls.float(), patch_positive)
@@ -472,11 +495,11 @@ def train(bundle_dir: Path, work_dir: Path, settings: TrainSettings) -> dict[str
                     loss = training_loss(forward, x, y)
                     loss.backward()
                 except Exception as exc:  # noqa: BLE001 - a compiler failure must not end the run
-                    if forward is network:
+                    if forward is plain_forward:
                         raise
                     logger.warning("event=compile_failed error=%s; training continues uncompiled",
                                    type(exc).__name__)
-                    forward = network
+                    forward = plain_forward
                     optimizer.zero_grad(set_to_none=True)
                     loss = training_loss(forward, x, y)
                     loss.backward()

@@ -59,6 +59,35 @@ def test_unet_and_fcn_can_be_scripted_with_identical_outputs() -> None:
             assert all(torch.equal(a, b) for a, b in zip(net(x), scripted(x)))
 
 
+def test_deep_supervision_heads_train_the_coarser_levels_and_never_change_inference() -> None:
+    net = UNet3D(out_channels=3, width=4, depth=4, classification_head=True, deep_supervision=2)
+    x = torch.randn(2, 1, 9, 13, 17)
+    seg, cls, aux = net.forward_train(x)
+    # Level k's logits on the input grid down-sampled 2**k times (ceiling), one channel per class.
+    assert seg.shape == (2, 3, 9, 13, 17) and cls is not None
+    assert [tuple(a.shape) for a in aux] == [(2, 3, 5, 7, 9), (2, 3, 3, 4, 5)]
+    # The auxiliary heads receive gradients: they learn from the labels.
+    sum(a.sum() for a in aux).backward()
+    assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in net.aux_heads)
+    # Inference (and a TorchScript export) gives exactly what the same network without the heads gives.
+    plain = UNet3D(out_channels=3, width=4, depth=4, classification_head=True).eval()
+    net.eval()
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("aux_heads.")}
+    plain.load_state_dict(state)
+    with torch.inference_mode():
+        out, out_plain = net(x), plain(x)
+    assert len(out) == 2 and torch.equal(out[0], out_plain[0]) and torch.equal(out[1], out_plain[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(net)
+    with torch.inference_mode():
+        assert torch.equal(scripted(x)[0], out[0])
+    # Without deep supervision the training pass has no auxiliary outputs; too many levels is an error.
+    assert UNet3D(out_channels=3, width=4, depth=3).forward_train(x)[2] == []
+    with pytest.raises(ValueError, match="deep_supervision"):
+        UNet3D(width=4, depth=3, deep_supervision=2)
+
+
 def test_the_spec_knows_exactly_the_networks_architectures() -> None:
     assert set(ARCHITECTURES) == set(KNOWN_ARCHITECTURES)
 

@@ -22,6 +22,7 @@ from models.train import (
     TrainSettings,
     _component_detections,
     compiled_for_training,
+    downsampled_labels,
     mixed_precision,
     nodule_weights,
     sample_batch,
@@ -58,6 +59,18 @@ def test_per_sample_dice_weighs_a_small_nodule_like_a_large_one() -> None:
     pooled = soft_dice_loss(_logits_for(prediction), target, (2,))
     per_sample = soft_dice_loss(_logits_for(prediction), target, (2,), per_sample=(2,))
     assert float(pooled) < 0.02 < 0.15 < float(per_sample)
+
+
+def test_coarse_labels_for_deep_supervision_keep_a_nodule_smaller_than_the_coarse_voxel() -> None:
+    labels = torch.zeros((1, 8, 8, 8), dtype=torch.long)
+    labels[0, :, :, :4] = 1
+    labels[0, 5, 3, 1] = 2  # one nodule voxel, off the every-other-voxel lattice
+    coarse = downsampled_labels(labels, 2)
+    assert coarse.shape == (1, 4, 4, 4)
+    assert int((coarse == 2).sum()) == 1 and int(coarse[0, 2, 1, 0]) == 2
+    assert bool((coarse[0, :, :, 2:] == 0).all()) and int((coarse == 1).sum()) == 4 * 4 * 2 - 1
+    odd = downsampled_labels(torch.zeros((2, 9, 13, 17), dtype=torch.long), 4)
+    assert odd.shape == (2, 3, 4, 5)  # the ceiling, as the network's auxiliary outputs
 
 
 def _box_case(seed: int = 1) -> Case:
