@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.networks import build_network
+from models.networks import build_network, fold_batch_norm
 from models.spec import ModelError, ModelSpec, WeightsFormat
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,10 @@ def _load_module(spec: ModelSpec, path: Path, device: torch.device) -> nn.Module
             f"model {spec.name}: {path} does not fit architecture {spec.architecture.name} with "
             f"these params: missing {list(result.missing_keys)[:5]}, unexpected "
             f"{list(result.unexpected_keys)[:5]}")
+    network.eval()
+    # Inference only: batch normalisation folded into the convolutions before it (the same function,
+    # without a pass over the activations per normalisation).
+    fold_batch_norm(network)
     if device.type == "cpu":
         # Channels-last 3-D weights and activations: oneDNN's convolutions are faster on them (the
         # default model's whole-volume window: 0.91 s against 1.55 s on a 2-core CPU); `pipeline.infer`

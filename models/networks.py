@@ -36,6 +36,24 @@ def _norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"norm must be 'instance', 'batch' or 'group', got {kind!r}")
 
 
+def global_mean_max(x: Tensor) -> list[Tensor]:
+    """``[mean, max]`` of each channel of ``x`` ``[B, C, Z, Y, X]`` over its voxels, each ``[B, C]``.
+
+    On a channels-last tensor (the CPU layout, `models.loader`) the voxels × channels view costs
+    nothing: the sum is then one matrix product with a row of ones and the maximum a reduction over
+    rows, about 5x faster on a CPU than reducing over three strided axes (0.03 s against 0.16 s for
+    12 channels of 2.4 million voxels in bfloat16; the head pools a full-resolution decoder level).
+    """
+    b, c = x.shape[0], x.shape[1]
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        rows = x.permute(0, 2, 3, 4, 1).reshape(b, -1, c)
+        ones = torch.ones((b, 1, rows.shape[1]), dtype=rows.dtype, device=rows.device)
+        total = torch.bmm(ones, rows).reshape(b, c)
+        return [total / float(rows.shape[1]), rows.max(dim=1)[0]]
+    flat = x.reshape(b, c, -1)
+    return [flat.mean(dim=2), flat.amax(dim=2)]
+
+
 class ConvBlock(nn.Module):
     """Two 3×3×3 convolutions, each followed by normalisation and LeakyReLU; the first may stride.
 
@@ -164,9 +182,9 @@ class UNet3D(nn.Module):
         if self.has_head:
             pooled: list[Tensor] = []
             if self.head_features in ("bottleneck", "both"):
-                pooled += [bottleneck.mean(dim=(2, 3, 4)), bottleneck.amax(dim=(2, 3, 4))]
+                pooled += global_mean_max(bottleneck)
             if self.head_features in ("decoder", "both"):
-                pooled += [x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))]
+                pooled += global_mean_max(x)
             cls = self.cls_head(torch.cat(pooled, dim=1))
         return seg, cls, decoded
 
@@ -235,6 +253,38 @@ class FCN3D(nn.Module):
         if self.has_head:
             cls = self.cls_head(seg.amax(dim=(2, 3, 4)))
         return seg, cls
+
+
+def fold_batch_norm(network: nn.Module) -> int:
+    """Fold every batch normalisation that follows a convolution in a `ConvBlock` into that
+    convolution's weights and bias, for inference; returns how many were folded.
+
+    In evaluation mode a batch normalisation is a fixed per-channel scale and shift, so the folded
+    convolution computes the same function (to float rounding) without a pass over the activations:
+    on a CPU those passes took a fifth of the default model's inference time. Only for a network in
+    evaluation mode that will not be trained again; instance and group normalisation (statistics of
+    each input) are left as they are.
+    """
+    if network.training:
+        raise ValueError("fold_batch_norm needs a network in evaluation mode")
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for block in network.modules():
+        if not isinstance(block, ConvBlock):
+            continue
+        for conv_name, norm_name in (("conv1", "norm1"), ("conv2", "norm2")):
+            conv, norm = getattr(block, conv_name), getattr(block, norm_name)
+            if isinstance(norm, nn.BatchNorm3d) and isinstance(conv, nn.Conv3d):
+                setattr(block, conv_name, fuse_conv_bn_eval(conv, norm))
+                setattr(block, norm_name, nn.Identity())
+                folded += 1
+        project = block.project
+        if (isinstance(project, nn.Sequential) and len(project) == 2 and isinstance(project[0], nn.Conv3d)
+                and isinstance(project[1], nn.BatchNorm3d)):
+            block.project = nn.Sequential(fuse_conv_bn_eval(project[0], project[1]), nn.Identity())
+            folded += 1
+    return folded
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"unet3d": UNet3D, "fcn3d": FCN3D}

@@ -43,6 +43,21 @@ def test_shipped_weights_match_the_manifest_sha256(spec) -> None:  # type: ignor
     assert spec.weights_path.stat().st_size < 20 * 1024 * 1024
 
 
+def test_the_loaded_model_runs_with_its_batch_normalisation_folded(spec) -> None:  # type: ignore[no-untyped-def]
+    handle = load_model(spec, "cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in handle.module.modules())
+    # The same function as the network as trained (float32, a 32x48x48 window of lung-like values).
+    trained = build_network(spec.architecture)
+    trained.load_state_dict(torch.load(spec.weights_path, map_location="cpu", weights_only=True))
+    trained.eval()
+    x = torch.rand(1, 1, 32, 48, 48, generator=torch.Generator().manual_seed(0)) * 0.3
+    with torch.inference_mode():
+        seg, cls = trained(x)
+        seg_folded, cls_folded = handle.module(x.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(seg_folded, seg, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(cls_folded, cls, rtol=1e-3, atol=1e-3)
+
+
 def _scores(spec, handle) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
     lung, nodule, present_scores = [], [], []
     for seed in SEEDS:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.networks import ARCHITECTURES, FCN3D, UNet3D, build_network, split_outputs
+from models.networks import (ARCHITECTURES, FCN3D, UNet3D, build_network, fold_batch_norm, global_mean_max,
+                             split_outputs)
 from models.spec import KNOWN_ARCHITECTURES, ArchitectureSpec, SpecError
 from tests.models.tiny_bundle import tiny_network
 
@@ -35,6 +36,20 @@ def test_unet_classification_head_gives_one_logit_per_input(head_features: str) 
         seg, cls = net(torch.randn(3, 1, 8, 16, 16))
     assert seg.shape == (3, 2, 8, 16, 16)
     assert cls is not None and cls.shape == (3, 1)
+
+
+def test_the_heads_pooling_gives_each_channels_mean_and_maximum_in_either_memory_layout() -> None:
+    x = torch.randn(2, 5, 6, 7, 9) * 3 + 1
+    x[1, 3, 2, 4, 8] = 50.0  # one channel's maximum in one input only
+    expected_mean, expected_max = x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        mean, maximum = global_mean_max(x.contiguous(memory_format=layout))
+        torch.testing.assert_close(mean, expected_mean, rtol=1e-5, atol=1e-5)
+        assert torch.equal(maximum, expected_max) and float(maximum[1, 3]) == 50.0
+    # Gradients reach the input through both statistics (the head trains on channels-last batches).
+    leaf = x.clone().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    sum(t.sum() for t in global_mean_max(leaf)).backward()
+    assert leaf.grad is not None and float(leaf.grad[1, 3, 2, 4, 8]) == pytest.approx(1.0 + 1.0 / (6 * 7 * 9))
 
 
 def test_unet_with_instance_norm_gives_each_window_the_same_output_in_any_batch() -> None:
@@ -86,6 +101,36 @@ def test_deep_supervision_heads_train_the_coarser_levels_and_never_change_infere
     assert UNet3D(out_channels=3, width=4, depth=3).forward_train(x)[2] == []
     with pytest.raises(ValueError, match="deep_supervision"):
         UNet3D(width=4, depth=3, deep_supervision=2)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_folding_batch_norm_into_the_convolutions_keeps_the_outputs(residual: bool) -> None:
+    net = UNet3D(out_channels=3, width=4, depth=3, norm="batch", residual=residual, classification_head=True)
+    # Statistics and affine parameters far from the identity, as after training.
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(2, 1, 8, 16, 16) * 3 + 1)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-1.0, 1.0)
+    net.eval()
+    x = torch.randn(2, 1, 9, 13, 17)
+    with torch.inference_mode():
+        seg, cls = net(x)
+    # 5 blocks of two convolutions; with residual blocks each also projects its input (the shape changes).
+    assert fold_batch_norm(net) == 5 * 2 + (5 if residual else 0)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    with torch.inference_mode():
+        seg_folded, cls_folded = net(x)
+    torch.testing.assert_close(seg_folded, seg, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cls_folded, cls, rtol=1e-4, atol=1e-4)
+    # Per-input normalisations cannot be folded; a network that is still training must not be.
+    instance = UNet3D(out_channels=3, width=4, depth=3, norm="instance").eval()
+    assert fold_batch_norm(instance) == 0
+    with pytest.raises(ValueError, match="evaluation mode"):
+        fold_batch_norm(UNet3D(out_channels=3, width=4, depth=3, norm="batch").train())
 
 
 def test_the_spec_knows_exactly_the_networks_architectures() -> None:
