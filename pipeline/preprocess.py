@@ -662,7 +662,8 @@ def _resample_separable(array: NDArray[Any], samples: Sequence[_AxisSamples], dt
 
 
 def _resample_array(
-    array: NDArray[Any], step: Sequence[float], shape: Sequence[int], order: int, *, threads: int | None = None
+    array: NDArray[Any], step: Sequence[float], shape: Sequence[int], order: int, *, threads: int | None = None,
+    out: NDArray[Any] | None = None,
 ) -> NDArray[Any]:
     """Sample ``array`` at ``o * step`` for each output index ``o`` (``shape``), edges repeated.
 
@@ -670,12 +671,19 @@ def _resample_array(
     for linear and six times for nearest, same values); higher orders use splines via
     ``affine_transform``. The dtype is kept (integer input to order ≥ 1 is rounded). An output of at
     least `PARALLEL_RESAMPLE_MIN_VOXELS` is computed in slabs along its first axis, on ``threads``
-    threads (default `resample_threads`); every voxel gets the same value as in one pass.
+    threads (default `resample_threads`); every voxel gets the same value as in one pass. ``out``
+    (of ``shape`` and the array's dtype; a view, e.g. a crop box of a larger array, will do) receives
+    the result and is returned.
     """
+    if out is not None and (tuple(out.shape) != tuple(int(n) for n in shape) or out.dtype != array.dtype):
+        raise ValueError(f"out is {out.dtype} {out.shape}, expected {array.dtype} {tuple(shape)}")
     if all(abs(s - 1.0) < 1e-9 for s in step) and tuple(array.shape) == tuple(shape):
+        if out is not None:
+            out[...] = array
+            return out
         return array.copy()
     if order > 1:
-        return ndimage.affine_transform(
+        result = ndimage.affine_transform(
             array,
             np.array(step, dtype=np.float64),
             offset=0.0,
@@ -684,12 +692,21 @@ def _resample_array(
             mode="nearest",
             prefilter=True,
         )
+        if out is not None:
+            out[...] = result
+            return out
+        return result
     samples = [_axis_samples(int(n), float(st), size, order) for st, n, size in zip(step, shape, array.shape)]
     threads = resample_threads() if threads is None else threads
     slabs = min(max(threads, 2) * _SLABS_PER_THREAD, int(shape[0]))
     if slabs < 2 or int(np.prod(shape)) < PARALLEL_RESAMPLE_MIN_VOXELS:
-        return _resample_separable(array, samples, array.dtype)
-    out = np.empty(tuple(int(n) for n in shape), dtype=array.dtype)
+        result = _resample_separable(array, samples, array.dtype)
+        if out is not None:
+            out[...] = result
+            return out
+        return result
+    if out is None:
+        out = np.empty(tuple(int(n) for n in shape), dtype=array.dtype)
     lower, upper, weight = samples[0]
 
     def fill(bounds: tuple[int, int]) -> None:
@@ -764,8 +781,33 @@ def invert_to_source(
     lead = array.shape[:-3]
     if out is not None and records and tuple(out.shape) != lead + records[0].source_shape_zyx:
         raise ValueError(f"out has shape {out.shape}, expected {lead + records[0].source_shape_zyx}")
-    for n, record in enumerate(reversed(geometric)):
+    backwards = list(reversed(geometric))
+    placed = False  # the previous step (a resampling) wrote straight into this crop's box
+    for n, record in enumerate(backwards):
         last = n == len(geometric) - 1
+        if placed:
+            placed = False
+            continue
+        following = backwards[n + 1] if n + 1 < len(backwards) else None
+        if (record.op == "resample" and record.step_zyx is not None and following is not None
+                and following.crop_box_zyx is not None and following.op != "pad_to_multiple"):
+            # Resample straight into the crop's box of the larger grid: no crop-sized temporary and
+            # no copy of it (on a 512x512x300 source, 270 MB per channel).
+            (k0, k1), (j0, j1), (i0, i1) = following.crop_box_zyx
+            if n + 1 == len(geometric) - 1 and out is not None:
+                full = out
+                full.fill(0)
+            else:
+                full = np.zeros(lead + following.source_shape_zyx, dtype=array.dtype)
+            inverse = tuple(1.0 / s for s in record.step_zyx)
+            box = full[..., k0:k1, j0:j1, i0:i1]
+            if array.ndim == 3:
+                _resample_array(array, inverse, record.source_shape_zyx, order, out=box)
+            else:
+                for channel in range(array.shape[0]):
+                    _resample_array(array[channel], inverse, record.source_shape_zyx, order, out=box[channel])
+            array, placed = full, True
+            continue
         if record.op == "pad_to_multiple" and record.pad_widths_zyx is not None:
             (a0, _), (b0, _), (c0, _) = record.pad_widths_zyx
             nz, ny, nx = record.source_shape_zyx

@@ -275,6 +275,36 @@ def test_invert_writes_into_a_given_destination() -> None:
         invert_to_source(out.array_zyx, records, order=1, out=np.zeros((3, 3, 3), dtype=np.float32))
 
 
+@pytest.mark.parametrize("order", [0, 1])
+@pytest.mark.parametrize("slabs", [False, True])
+def test_invert_resamples_straight_into_the_crop_with_the_values_of_resampling_then_placing(
+    monkeypatch: pytest.MonkeyPatch, order: int, slabs: bool
+) -> None:
+    from pipeline import preprocess
+
+    if slabs:
+        monkeypatch.setattr(preprocess, "PARALLEL_RESAMPLE_MIN_VOXELS", 1)
+    volume = Volume(chest_phantom_hu((24, 64, 64)), _affine((8.0, 5.5, 5.5)))
+    steps = [StepSpec("crop_lungs", {"margin_mm": 5.0}), StepSpec("resample", {"spacing_mm": 3.0})]
+    out, records = run_plan(volume, steps)
+    crop, resampling = records
+    assert crop.crop_box_zyx is not None and crop.crop_box_zyx != ((0, 24), (0, 64), (0, 64))
+    rng = np.random.default_rng(order)
+    grid = rng.random((2, *out.shape_zyx)).astype(np.float32)
+    if order == 0:
+        grid = (grid * 3).astype(np.uint8)
+    inverse = tuple(1.0 / s for s in resampling.step_zyx)
+    (k0, k1), (j0, j1), (i0, i1) = crop.crop_box_zyx
+    expected = np.zeros((2, 24, 64, 64), dtype=grid.dtype)
+    for c in range(2):
+        expected[c, k0:k1, j0:j1, i0:i1] = preprocess._resample_array(grid[c], inverse, crop.output_shape_zyx, order)
+    np.testing.assert_array_equal(invert_to_source(grid, records, order=order), expected)
+    np.testing.assert_array_equal(invert_to_source(grid[1], records, order=order), expected[1])
+    destination = np.full((24, 64, 64), 9, dtype=grid.dtype)
+    invert_to_source(grid[0], records, order=order, out=destination)
+    np.testing.assert_array_equal(destination, expected[0])  # outside the crop: background, not 9
+
+
 def test_steps_leave_their_input_untouched() -> None:
     volume = Volume(chest_phantom_hu((24, 64, 64)), _affine((8.0, 5.5, 5.5)))
     array, affine = volume.array_zyx.copy(), volume.affine_lps.copy()
