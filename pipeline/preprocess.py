@@ -678,12 +678,9 @@ def _resample_array(
     if out is not None and (tuple(out.shape) != tuple(int(n) for n in shape) or out.dtype != array.dtype):
         raise ValueError(f"out is {out.dtype} {out.shape}, expected {array.dtype} {tuple(shape)}")
     if all(abs(s - 1.0) < 1e-9 for s in step) and tuple(array.shape) == tuple(shape):
-        if out is not None:
-            out[...] = array
-            return out
-        return array.copy()
+        return _into(out, array) if out is not None else array.copy()
     if order > 1:
-        result = ndimage.affine_transform(
+        return _into(out, ndimage.affine_transform(
             array,
             np.array(step, dtype=np.float64),
             offset=0.0,
@@ -691,20 +688,12 @@ def _resample_array(
             order=order,
             mode="nearest",
             prefilter=True,
-        )
-        if out is not None:
-            out[...] = result
-            return out
-        return result
+        ))
     samples = [_axis_samples(int(n), float(st), size, order) for st, n, size in zip(step, shape, array.shape)]
     threads = resample_threads() if threads is None else threads
     slabs = min(max(threads, 2) * _SLABS_PER_THREAD, int(shape[0]))
     if slabs < 2 or int(np.prod(shape)) < PARALLEL_RESAMPLE_MIN_VOXELS:
-        result = _resample_separable(array, samples, array.dtype)
-        if out is not None:
-            out[...] = result
-            return out
-        return result
+        return _into(out, _resample_separable(array, samples, array.dtype))
     if out is None:
         out = np.empty(tuple(int(n) for n in shape), dtype=array.dtype)
     lower, upper, weight = samples[0]
@@ -729,12 +718,25 @@ def _resample_array(
     return out
 
 
+def _into(out: NDArray[Any] | None, result: NDArray[Any]) -> NDArray[Any]:
+    """``result``, or ``out`` holding a copy of it."""
+    if out is None:
+        return result
+    out[...] = result
+    return out
+
+
 def _resample_channels(
-    array: NDArray[Any], step: Sequence[float], shape: Sequence[int], order: int
+    array: NDArray[Any], step: Sequence[float], shape: Sequence[int], order: int, out: NDArray[Any] | None = None
 ) -> NDArray[Any]:
+    """`_resample_array` of ``[k, j, i]`` or of each channel of ``[c, k, j, i]`` (into ``out`` if given)."""
     if array.ndim == 3:
-        return _resample_array(array, step, shape, order)
-    return np.stack([_resample_array(a, step, shape, order) for a in array])
+        return _resample_array(array, step, shape, order, out=out)
+    if out is None:
+        return np.stack([_resample_array(a, step, shape, order) for a in array])
+    for channel, a in enumerate(array):
+        _resample_array(a, step, shape, order, out=out[channel])
+    return out
 
 
 def invert_to_source(
@@ -800,12 +802,7 @@ def invert_to_source(
             else:
                 full = np.zeros(lead + following.source_shape_zyx, dtype=array.dtype)
             inverse = tuple(1.0 / s for s in record.step_zyx)
-            box = full[..., k0:k1, j0:j1, i0:i1]
-            if array.ndim == 3:
-                _resample_array(array, inverse, record.source_shape_zyx, order, out=box)
-            else:
-                for channel in range(array.shape[0]):
-                    _resample_array(array[channel], inverse, record.source_shape_zyx, order, out=box[channel])
+            _resample_channels(array, inverse, record.source_shape_zyx, order, out=full[..., k0:k1, j0:j1, i0:i1])
             array, placed = full, True
             continue
         if record.op == "pad_to_multiple" and record.pad_widths_zyx is not None:
