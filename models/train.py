@@ -781,6 +781,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                        help="peak AdamW learning rate (warm-up, then cosine decay over the time budget)")
     parser.add_argument("--nodule-class-weight", type=float, default=defaults.nodule_class_weight)
     parser.add_argument("--resume", type=Path, default=None, help="start from this checkpoint (state_dict)")
     parser.add_argument("--patch", type=lambda v: tuple(int(x) for x in v.split(",")), default=defaults.patch_zyx,
@@ -806,6 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              steps_per_epoch=args.steps_per_epoch,
                              max_epochs=args.max_epochs, batch_size=args.batch_size, threads=args.threads,
                              workers=args.workers, nodule_class_weight=args.nodule_class_weight,
+                             learning_rate=args.learning_rate,
                              resume=args.resume, patch_zyx=args.patch,
                              nodule_patch_fraction=args.nodule_patch_fraction,
                              small_nodule_weight=args.small_nodule_weight, device=args.device,
