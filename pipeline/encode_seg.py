@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
 from models.spec import CodeSpec, LabelSpec
-from pipeline.postprocess import locate_findings
+from pipeline.postprocess import finding_regions
 from pipeline.types import SegmentationResult, SourceSeries
 from pipeline.uids import ResultUids
 
@@ -162,16 +162,22 @@ def plan_segments(result: SegmentationResult, uids: ResultUids) -> SegmentLayout
 
 
 def segment_map(result: SegmentationResult, layout: SegmentLayout) -> NDArray[np.uint16]:
-    """The segment number of every voxel ``[k, j, i]`` (0 = no segment); segments never overlap."""
+    """The segment number of every voxel ``[k, j, i]`` (0 = no segment); segments never overlap.
+
+    Whole-label segments are written with ``np.copyto(..., where=)``, each finding's segment into its
+    bounding box alone (no volume-sized index map, no volume-sized comparison per finding).
+    """
     labels = result.label_map.array_zyx
     out = np.zeros(labels.shape, dtype=np.uint16)
-    finding_map = locate_findings(result) if result.findings else None
     for segment in layout.segments:
-        if segment.finding_index is None:
-            if not segment.label.is_finding:
-                out[labels == segment.label.value] = segment.segment_number
-        elif finding_map is not None:
-            out[finding_map == segment.finding_index] = segment.segment_number
+        if segment.finding_index is None and not segment.label.is_finding:
+            np.copyto(out, np.uint16(segment.segment_number), where=labels == segment.label.value)
+    if result.findings and any(segment.finding_index is not None for segment in layout.segments):
+        regions = finding_regions(result)
+        for segment in layout.segments:
+            if segment.finding_index is not None and segment.finding_index in regions:
+                box, mask = regions[segment.finding_index]
+                out[box][mask] = segment.segment_number
     return out
 
 
@@ -251,9 +257,18 @@ def encode_seg(
         segmentation_type = "BINARY"
         pixel_array = numbers
     orientation = _image_orientation(volume.affine_lps)
-    plane_positions = [
-        hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, frame.image_position_lps_mm) for frame in source.frames
-    ]
+    if _planes_are_the_source_headers(source, orientation):
+        # highdicom takes the planes from the source headers themselves and references slice k's
+        # instance directly. Given explicit positions it would match every plane against every source
+        # image (quadratic: 0.3 s for 300 slices) only to arrive at the same references and positions.
+        plane_positions = None
+        plane_orientation = None
+    else:
+        plane_positions = [
+            hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, frame.image_position_lps_mm)
+            for frame in source.frames
+        ]
+        plane_orientation = hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, orientation)
     seg = hd.seg.Segmentation(
         source_images=source_headers(source),
         pixel_array=pixel_array,
@@ -267,7 +282,7 @@ def encode_seg(
         manufacturer_model_name=MANUFACTURER_MODEL_NAME,
         software_versions=[software_version(), f"{spec.name} {spec.version}"[:64]],
         device_serial_number=DEVICE_SERIAL_NUMBER,
-        plane_orientation=hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, orientation),
+        plane_orientation=plane_orientation,
         plane_positions=plane_positions,
         content_description=f"{spec.name} {spec.version}"[:64],
         content_label="SEGMENTATION",
@@ -289,6 +304,24 @@ def encode_seg(
         segmentation_type,
     )
     return seg
+
+
+def _planes_are_the_source_headers(source: SourceSeries, orientation: tuple[float, ...]) -> bool:
+    """Whether slice ``k`` of the volume is exactly the ``k``-th source header: single-frame instances,
+    one per slice, in volume order, at the Image Position and Orientation (Patient) the loader used."""
+    if len(source.datasets) != len(source.frames):
+        return False
+    for ds, frame in zip(source.datasets, source.frames, strict=True):
+        if frame.frame_number is not None or ds.get("SOPInstanceUID") != frame.sop_instance_uid:
+            return False
+        position, cosines = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+        if position is None or cosines is None or len(position) != 3 or len(cosines) != 6:
+            return False
+        if not np.allclose([float(v) for v in position], frame.image_position_lps_mm, rtol=0.0, atol=1e-4):
+            return False
+        if not np.allclose([float(v) for v in cosines], orientation, rtol=0.0, atol=1e-4):
+            return False
+    return True
 
 
 def _image_orientation(affine_lps: NDArray[np.float64]) -> tuple[float, ...]:

@@ -9,8 +9,9 @@ warnings printed.
 
 from __future__ import annotations
 
+import copy
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import highdicom as hd
@@ -19,6 +20,7 @@ import pydicom
 import pytest
 
 from models.spec import ModelSpec
+import pipeline.encode_seg as encode_seg_module
 from pipeline.encode_seg import TYPE2_COPIED_FROM_SOURCE, SegmentLayout, encode_seg, plan_segments, segment_map
 from pipeline.encode_sr import encode_sr
 from pipeline.postprocess import postprocess
@@ -260,6 +262,38 @@ def test_same_result_encoded_twice_at_a_fixed_time_gives_identical_bytes(tmp_pat
     seg = pydicom.dcmread(paths[0])
     assert (seg.ContentDate, seg.ContentTime) == ("20260102", "030405.000600")
     assert seg.DimensionOrganizationSequence[0].DimensionOrganizationUID == e.uids.seg_dimension_organization_uid
+
+
+@pytest.mark.parametrize("case", ["axial reversed", "oblique", "enhanced"])
+def test_seg_from_the_source_headers_is_the_seg_from_explicit_planes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    case: str) -> None:
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    series = {"axial reversed": {"reverse_files": True}, "oblique": {"iop": (c, s, 0.0, 0.0, 0.0, -1.0)},
+              "enhanced": {"enhanced": True, "reverse_files": True}}[case]
+    e = encode_chest(tmp_path / "a", **series)  # type: ignore[arg-type]
+    orientation = encode_seg_module._image_orientation(e.source.volume.affine_lps)
+    # Single-frame sources take their planes from the headers; an enhanced source cannot.
+    assert encode_seg_module._planes_are_the_source_headers(e.source, orientation) is (case != "enhanced")
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    fast = encode_seg(e.source, e.result, e.spec, e.uids, content_datetime=when)
+    monkeypatch.setattr(encode_seg_module, "_planes_are_the_source_headers", lambda source, orientation: False)
+    explicit = encode_seg(e.source, e.result, e.spec, e.uids, content_datetime=when)
+    fast.save_as(tmp_path / "fast.dcm")
+    explicit.save_as(tmp_path / "explicit.dcm")
+    assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "explicit.dcm").read_bytes()
+
+
+def test_a_slice_whose_header_disagrees_with_the_volume_keeps_explicit_planes(tmp_path: Path) -> None:
+    e = encode_chest(tmp_path / "a")
+    orientation = encode_seg_module._image_orientation(e.source.volume.affine_lps)
+    assert encode_seg_module._planes_are_the_source_headers(e.source, orientation)
+    moved = [copy.deepcopy(ds) for ds in e.source.datasets]
+    moved[3].ImagePositionPatient = [float(v) + 0.5 for v in moved[3].ImagePositionPatient]
+    assert not encode_seg_module._planes_are_the_source_headers(replace(e.source, datasets=tuple(moved)), orientation)
+    assert not encode_seg_module._planes_are_the_source_headers(replace(e.source, datasets=e.source.datasets[:-1]),
+                                                                orientation)
+    turned = (orientation[3], orientation[4], orientation[5], orientation[0], orientation[1], orientation[2])
+    assert not encode_seg_module._planes_are_the_source_headers(e.source, turned)
 
 
 def test_sr_of_a_rerun_names_its_predecessor(tmp_path: Path) -> None:
