@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import importlib
 import json
 import logging
@@ -84,6 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": _cmd_check_config, "analyze": _cmd_analyze,
     }
     return handlers[args.command](args)
+
+
+def console_main() -> int:
+    """The installed ``edge-node`` command: `main`, then a quick interpreter exit.
+
+    At exit CPython's last garbage collection walks every object the process still holds; after
+    ``analyze`` (torch, the pipeline, highdicom's tables of the standard) that walk took 0.9 s of an
+    11 s command. Freezing the heap first leaves those objects to the operating system; exit handlers
+    still run and files are closed as usual (results are written and fsynced before `main` returns).
+    """
+    code = main()
+    gc.freeze()
+    return code
 
 
 def _load(path: Path, *, check_dirs: bool = True) -> Settings | None:
@@ -230,4 +244,4 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console_main())
