@@ -784,23 +784,26 @@ def invert_to_source(
     if out is not None and records and tuple(out.shape) != lead + records[0].source_shape_zyx:
         raise ValueError(f"out has shape {out.shape}, expected {lead + records[0].source_shape_zyx}")
     backwards = list(reversed(geometric))
+
+    def uncropped(record: PreprocessRecord, n: int) -> NDArray[Any]:
+        """Zeros on the grid before crop step ``record`` (the ``n``-th step undone): ``out`` for the last."""
+        if n == len(backwards) - 1 and out is not None:
+            out.fill(0)
+            return out
+        return np.zeros(lead + record.source_shape_zyx, dtype=array.dtype)
+
     placed = False  # the previous step (a resampling) wrote straight into this crop's box
     for n, record in enumerate(backwards):
-        last = n == len(geometric) - 1
         if placed:
             placed = False
             continue
         following = backwards[n + 1] if n + 1 < len(backwards) else None
         if (record.op == "resample" and record.step_zyx is not None and following is not None
-                and following.crop_box_zyx is not None and following.op != "pad_to_multiple"):
+                and following.crop_box_zyx is not None):
             # Resample straight into the crop's box of the larger grid: no crop-sized temporary and
             # no copy of it (on a 512x512x300 source, 270 MB per channel).
             (k0, k1), (j0, j1), (i0, i1) = following.crop_box_zyx
-            if n + 1 == len(geometric) - 1 and out is not None:
-                full = out
-                full.fill(0)
-            else:
-                full = np.zeros(lead + following.source_shape_zyx, dtype=array.dtype)
+            full = uncropped(following, n + 1)
             inverse = tuple(1.0 / s for s in record.step_zyx)
             _resample_channels(array, inverse, record.source_shape_zyx, order, out=full[..., k0:k1, j0:j1, i0:i1])
             array, placed = full, True
@@ -811,11 +814,7 @@ def invert_to_source(
             array = array[..., a0 : a0 + nz, b0 : b0 + ny, c0 : c0 + nx]
         elif record.crop_box_zyx is not None:
             (k0, k1), (j0, j1), (i0, i1) = record.crop_box_zyx
-            if last and out is not None:
-                full = out
-                full.fill(0)
-            else:
-                full = np.zeros(lead + record.source_shape_zyx, dtype=array.dtype)
+            full = uncropped(record, n)
             full[..., k0:k1, j0:j1, i0:i1] = array
             array = full
         elif record.op == "resample" and record.step_zyx is not None:
