@@ -226,5 +226,5 @@ def _load_module(spec: ModelSpec, path: Path, device: torch.device) -> nn.Module
         # Channels-last 3-D weights and activations: oneDNN's convolutions are faster on them (the
         # default model's whole-volume window: 0.91 s against 1.55 s on a 2-core CPU); `pipeline.infer`
         # passes channels-last input.
-        return network.to(device, memory_format=torch.channels_last_3d).eval()
-    return network.to(device).eval()
+        return network.to(device, memory_format=torch.channels_last_3d)
+    return network.to(device)

@@ -175,7 +175,7 @@ def segment_map(result: SegmentationResult, layout: SegmentLayout) -> NDArray[np
     if result.findings and any(segment.finding_index is not None for segment in layout.segments):
         regions = finding_regions(result)
         for segment in layout.segments:
-            if segment.finding_index is not None and segment.finding_index in regions:
+            if segment.finding_index is not None:
                 box, mask = regions[segment.finding_index]
                 out[box][mask] = segment.segment_number
     return out
