@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.networks import build_network, fold_batch_norm
+from models.networks import build_network, fold_batch_norm, widen_single_channel_inputs
 from models.spec import ModelError, ModelSpec, WeightsFormat
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,9 @@ def _load_module(spec: ModelSpec, path: Path, device: torch.device) -> nn.Module
     # without a pass over the activations per normalisation).
     fold_batch_norm(network)
     if device.type == "cpu":
+        # A one-channel first convolution would run on PyTorch's generic kernel; with a zero channel
+        # added it runs on oneDNN's (the same outputs, in less than half the time).
+        widen_single_channel_inputs(network)
         # Channels-last 3-D weights and activations: oneDNN's convolutions are faster on them (the
         # default model's whole-volume window: 0.91 s against 1.55 s on a 2-core CPU); `pipeline.infer`
         # passes channels-last input.

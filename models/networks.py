@@ -287,6 +287,57 @@ def fold_batch_norm(network: nn.Module) -> int:
     return folded
 
 
+class ZeroChannelConv3d(nn.Module):
+    """A convolution of a one-channel input, run as the same convolution of that input with an added
+    all-zero channel (whose weights are zero): the same function, computed by oneDNN's channels-last
+    kernels instead of PyTorch's generic 3-D convolution, which is what a one-channel input gets on a
+    CPU. The default model's first convolution (1 -> 12 channels, 3x3x3, on a 2-million-voxel lung
+    crop, float32, 2-core AVX2 CPU) then takes 0.085 s instead of 0.19 s, and a whole network pass
+    1.33 s instead of 1.44 s. Built by `widen_single_channel_inputs`; for inference only.
+    """
+
+    def __init__(self, conv: nn.Conv3d, channels: int = 2) -> None:
+        super().__init__()
+        if conv.in_channels != 1 or conv.groups != 1 or channels < 2:
+            raise ValueError("ZeroChannelConv3d widens a one-channel, ungrouped convolution to >= 2 channels")
+        weight = conv.weight.detach()
+        widened = torch.zeros((weight.shape[0], channels, *weight.shape[2:]), dtype=weight.dtype,
+                              device=weight.device)
+        widened[:, :1] = weight
+        self.weight = nn.Parameter(widened, requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.channels = channels
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("ZeroChannelConv3d supports zero padding given in voxels only")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] != 1:
+            raise ValueError(f"expected a one-channel input, got {x.shape[1]} channels")
+        shape = (x.shape[0], self.channels, x.shape[2], x.shape[3], x.shape[4])
+        wide = torch.zeros(shape, dtype=x.dtype, device=x.device).contiguous(memory_format=torch.channels_last_3d)
+        wide[:, :1] = x
+        return F.conv3d(wide, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+def widen_single_channel_inputs(network: nn.Module, channels: int = 2) -> int:
+    """Replace every `ConvBlock` first convolution that reads a one-channel input by a
+    `ZeroChannelConv3d` (same outputs, faster on a CPU); returns how many were replaced.
+
+    For a network in evaluation mode that will not be trained again, after `fold_batch_norm` (the
+    replacement keeps the folded bias).
+    """
+    if network.training:
+        raise ValueError("widen_single_channel_inputs needs a network in evaluation mode")
+    widened = 0
+    for block in network.modules():
+        if isinstance(block, ConvBlock) and isinstance(block.conv1, nn.Conv3d) and block.conv1.in_channels == 1 \
+                and block.conv1.groups == 1:
+            block.conv1 = ZeroChannelConv3d(block.conv1, channels)
+            widened += 1
+    return widened
+
+
 ARCHITECTURES: dict[str, type[nn.Module]] = {"unet3d": UNet3D, "fcn3d": FCN3D}
 
 

@@ -17,7 +17,7 @@ import torch
 import models
 from models.loader import ModelHandle, load_model, sha256_file
 from models.metrics import dice
-from models.networks import build_network
+from models.networks import ZeroChannelConv3d, build_network
 from models.phantoms import generate_phantom
 from models.registry import ModelRegistry
 from models.spec import load_spec
@@ -46,6 +46,8 @@ def test_shipped_weights_match_the_manifest_sha256(spec) -> None:  # type: ignor
 def test_the_loaded_model_runs_with_its_batch_normalisation_folded(spec) -> None:  # type: ignore[no-untyped-def]
     handle = load_model(spec, "cpu")
     assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in handle.module.modules())
+    # On a CPU the one-channel first convolution runs widened to oneDNN's kernels.
+    assert isinstance(handle.module.encoders[0].conv1, ZeroChannelConv3d)
     # The same function as the network as trained (float32, a 32x48x48 window of lung-like values).
     trained = build_network(spec.architecture)
     trained.load_state_dict(torch.load(spec.weights_path, map_location="cpu", weights_only=True))

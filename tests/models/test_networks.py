@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.networks import (ARCHITECTURES, FCN3D, UNet3D, build_network, fold_batch_norm, global_mean_max,
-                             split_outputs)
+from models.networks import (ARCHITECTURES, FCN3D, UNet3D, ZeroChannelConv3d, build_network, fold_batch_norm,
+                             global_mean_max, split_outputs, widen_single_channel_inputs)
 from models.spec import KNOWN_ARCHITECTURES, ArchitectureSpec, SpecError
 from tests.models.tiny_bundle import tiny_network
 
@@ -131,6 +131,40 @@ def test_folding_batch_norm_into_the_convolutions_keeps_the_outputs(residual: bo
     assert fold_batch_norm(instance) == 0
     with pytest.raises(ValueError, match="evaluation mode"):
         fold_batch_norm(UNet3D(out_channels=3, width=4, depth=3, norm="batch").train())
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_widening_the_one_channel_input_keeps_the_outputs(memory_format: torch.memory_format) -> None:
+    net = UNet3D(out_channels=3, width=4, depth=3, norm="batch", classification_head=True).eval()
+    fold_batch_norm(net)  # as the loader does: the widened convolution must keep the folded bias
+    x = torch.randn(2, 1, 9, 13, 17).contiguous(memory_format=memory_format)
+    with torch.inference_mode():
+        seg, cls = net(x)
+    assert widen_single_channel_inputs(net) == 1
+    first = net.encoders[0].conv1
+    assert isinstance(first, ZeroChannelConv3d) and first.bias is not None
+    assert torch.count_nonzero(first.weight[:, 1:]) == 0
+    with torch.inference_mode():
+        seg_wide, cls_wide = net(x)
+    torch.testing.assert_close(seg_wide, seg, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cls_wide, cls, rtol=1e-5, atol=1e-5)
+    # Nothing else reads one channel; widening twice changes nothing more.
+    assert widen_single_channel_inputs(net) == 0
+
+
+def test_widening_leaves_multichannel_inputs_and_refuses_a_training_network() -> None:
+    two = UNet3D(in_channels=2, out_channels=2, width=4, depth=2).eval()
+    assert widen_single_channel_inputs(two) == 0
+    with pytest.raises(ValueError, match="evaluation mode"):
+        widen_single_channel_inputs(UNet3D(out_channels=2, width=4, depth=2).train())
+    strided = ZeroChannelConv3d(torch.nn.Conv3d(1, 3, 3, stride=2, padding=1, bias=False), channels=4)
+    x = torch.randn(1, 1, 7, 8, 9)
+    reference = torch.nn.functional.conv3d(x, strided.weight[:, :1], None, 2, 1)
+    torch.testing.assert_close(strided(x), reference)
+    with pytest.raises(ValueError, match="one-channel input"):
+        strided(torch.randn(1, 2, 7, 8, 9))
+    with pytest.raises(ValueError, match="one-channel"):
+        ZeroChannelConv3d(torch.nn.Conv3d(2, 3, 3))
 
 
 def test_the_spec_knows_exactly_the_networks_architectures() -> None:
