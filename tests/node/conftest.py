@@ -10,6 +10,8 @@ import os
 import queue
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -182,21 +184,71 @@ def send(port: int, items: Sequence[Dataset | Path], *, calling_ae: str = SCU_AE
         _config.STORE_SEND_CHUNKED_DATASET = old
 
 
-def associate_result(port: int, *, calling_ae: str = SCU_AE, called_ae: str = "EDGE_NODE") -> tuple[bool, Any]:
-    """Try an association; return (established, (result, source, diagnostic) of a reject or None)."""
-    from pynetdicom import AE
+def encode_associate_rq(proposals: list[tuple[str, list[str]]], extra_user_items: tuple = (), *,
+                        calling_ae: str = SCU_AE, called_ae: str = "EDGE_NODE") -> bytes:
+    """An A-ASSOCIATE-RQ from ``calling_ae`` to ``called_ae`` (pynetdicom's PDU encoder): one context
+    per ``(abstract syntax, transfer syntaxes)``, a 16 KiB maximum length, our class UID,
+    ``extra_user_items``."""
+    from pynetdicom._globals import APPLICATION_CONTEXT_NAME
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
 
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.network_timeout = 10
-    ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
-    if assoc.is_established:
-        assoc.release()
-        return True, None
-    rsp = assoc.acceptor.primitive
-    if assoc.is_rejected and rsp is not None:
-        return False, (rsp.result, rsp.result_source, rsp.diagnostic)
-    return False, None
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = APPLICATION_CONTEXT_NAME
+    primitive.calling_ae_title = calling_ae
+    primitive.called_ae_title = called_ae
+    contexts = []
+    for i, (uid, syntaxes) in enumerate(proposals):
+        cx = build_context(uid, syntaxes)
+        cx.context_id = 2 * i + 1
+        contexts.append(cx)
+    primitive.presentation_context_definition_list = contexts
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    class_uid = ImplementationClassUIDNotification()
+    class_uid.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
+    primitive.user_information = [max_length, class_uid, *extra_user_items]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    """One PDU from ``sock``: its type and body (ConnectionError when the peer closes first)."""
+    def exact(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    pdu_type, length = struct.unpack(">BxI", exact(6))
+    return pdu_type, exact(length)
+
+
+def associate_result(port: int, *, calling_ae: str = SCU_AE, called_ae: str = "EDGE_NODE") -> tuple[bool, Any]:
+    """Try an association; return (established, (result, source, diagnostic) of a reject or None).
+
+    A plain socket, not a pynetdicom requestor: the answer is the node's A-ASSOCIATE-AC or -RJ PDU as
+    sent, with no client threads between it and the test (a requestor thread of another library in
+    this busy process could miss a reject it was sent). An accepted association is released.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(encode_associate_rq([("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])],
+                                         calling_ae=calling_ae, called_ae=called_ae))
+        pdu_type, body = read_pdu(sock)
+        if pdu_type == 0x02:  # A-ASSOCIATE-AC: release it (A-RELEASE-RQ, then the node's RP)
+            sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+            release_type, _ = read_pdu(sock)
+            assert release_type == 0x06, f"expected A-RELEASE-RP, got PDU type {release_type:#x}"
+            return True, None
+        if pdu_type == 0x03 and len(body) >= 4:  # A-ASSOCIATE-RJ: reserved, result, source, reason
+            return False, (body[1], body[2], body[3])
+        return False, None
 
 
 # -- in-process node ---------------------------------------------------------------------------

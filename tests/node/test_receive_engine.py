@@ -17,8 +17,10 @@ from node.records import StoreStatus
 from tests.node.conftest import (
     SCU_AE,
     associate_result,
+    encode_associate_rq,
     make_ct,
     make_series,
+    read_pdu,
     send,
     wait_for,
     write_datasets,
@@ -83,61 +85,19 @@ def test_dcmtk_echo_and_small_pdus_over_many_fragments_store_byte_exact(node_fac
 
 
 # -- fast engine: protocol handling -------------------------------------------------------------
-def _encode_associate_rq(proposals: list[tuple[str, list[str]]], extra_user_items: tuple = ()) -> bytes:
-    """An A-ASSOCIATE-RQ from SCU_AE to EDGE_NODE (pynetdicom's PDU encoder): one context per
-    ``(abstract syntax, transfer syntaxes)``, a 16 KiB maximum length, our class UID, ``extra_user_items``."""
-    from pynetdicom._globals import APPLICATION_CONTEXT_NAME
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
-    from pynetdicom.presentation import build_context
-
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = APPLICATION_CONTEXT_NAME
-    primitive.calling_ae_title = SCU_AE
-    primitive.called_ae_title = "EDGE_NODE"
-    contexts = []
-    for i, (uid, syntaxes) in enumerate(proposals):
-        cx = build_context(uid, syntaxes)
-        cx.context_id = 2 * i + 1
-        contexts.append(cx)
-    primitive.presentation_context_definition_list = contexts
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    class_uid = ImplementationClassUIDNotification()
-    class_uid.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
-    primitive.user_information = [max_length, class_uid, *extra_user_items]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
-
-
 def _raw_associate(port: int, contexts: tuple[str, ...] = (VERIFICATION,)) -> tuple[int, socket.socket]:
     """Open an association by hand; return (port, socket) after the A-ASSOCIATE-AC."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(_encode_associate_rq([(uid, ["1.2.840.10008.1.2"]) for uid in contexts]))
-    pdu_type, _ = _read_pdu(sock)
+    sock.sendall(encode_associate_rq([(uid, ["1.2.840.10008.1.2"]) for uid in contexts]))
+    pdu_type, _ = read_pdu(sock)
     assert pdu_type == 0x02, f"expected A-ASSOCIATE-AC, got PDU type {pdu_type:#x}"
     return port, sock
-
-
-def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    def exact(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("closed")
-            data += chunk
-        return data
-
-    pdu_type, length = struct.unpack(">BxI", exact(6))
-    return pdu_type, exact(length)
 
 
 def _raw_release(sock: socket.socket) -> bytes:
     try:
         sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
-        pdu_type, body = _read_pdu(sock)
+        pdu_type, body = read_pdu(sock)
         return bytes([pdu_type]) + body
     finally:
         sock.close()
@@ -165,7 +125,7 @@ def test_echo_split_over_two_command_fragments_is_answered(node):
         command = _command([(0x0002, b"1.2.840.10008.1.1\x00"), (0x0100, struct.pack("<H", 0x0030)),
                             (0x0110, struct.pack("<H", 7)), (0x0800, struct.pack("<H", 0x0101))])
         sock.sendall(_p_data(1, 0x01, command[:10]) + _p_data(1, 0x03, command[10:]))
-        pdu_type, body = _read_pdu(sock)
+        pdu_type, body = read_pdu(sock)
         assert pdu_type == 0x04 and body[5] == 0x03
         from node.ul import parse_command
 
@@ -182,7 +142,7 @@ def test_unsupported_operation_answers_0211_and_the_association_goes_on(node):
         find = _command([(0x0002, b"1.2.840.10008.1.1\x00"), (0x0100, struct.pack("<H", 0x0020)),
                          (0x0110, struct.pack("<H", 3)), (0x0800, struct.pack("<H", 0x0101))])
         sock.sendall(_p_data(1, 0x03, find))
-        _, body = _read_pdu(sock)
+        _, body = read_pdu(sock)
         from node.ul import parse_command
 
         rsp = parse_command(body[6:])
@@ -208,7 +168,7 @@ def test_malformed_or_oversize_pdu_aborts_only_that_association(node, caplog, ga
         _, sock = _raw_associate(node.port)
         try:
             sock.sendall(garbage)
-            pdu_type, body = _read_pdu(sock)
+            pdu_type, body = read_pdu(sock)
             assert pdu_type == 0x07 and body[2] == 0x02  # A-ABORT from the service provider
         finally:
             sock.close()
@@ -221,7 +181,7 @@ def test_garbage_instead_of_an_associate_rq_is_aborted_and_the_next_peer_is_serv
         sock = socket.create_connection(("127.0.0.1", node.port), timeout=10)
         try:
             sock.sendall(b"\x01\x00\x00\x00\x00\x10" + b"\xff" * 16)
-            pdu_type, _ = _read_pdu(sock)
+            pdu_type, _ = read_pdu(sock)
             assert pdu_type == 0x07
         finally:
             sock.close()
@@ -294,7 +254,7 @@ def test_silent_peer_is_aborted_after_network_timeout_and_frees_its_slot(node_fa
     with caplog.at_level(logging.INFO, logger="node"):
         _, sock = _raw_associate(node.port)
         try:
-            pdu_type, body = _read_pdu(sock)  # we say nothing: the node aborts
+            pdu_type, body = read_pdu(sock)  # we say nothing: the node aborts
             assert pdu_type == 0x07 and body[2] == 0x02
         finally:
             sock.close()
@@ -316,7 +276,7 @@ def _associate_rq_with_roles_and_rejected_contexts() -> bytes:
     role.scu_role = role.scp_role = True
     window = AsynchronousOperationsWindowNegotiation()
     window.maximum_number_operations_invoked = window.maximum_number_operations_performed = 5
-    return _encode_associate_rq(proposals, (role, window))
+    return encode_associate_rq(proposals, (role, window))
 
 
 def test_associate_ac_is_byte_identical_with_either_engine(node_factory):
@@ -326,7 +286,7 @@ def test_associate_ac_is_byte_identical_with_either_engine(node_factory):
         sock = socket.create_connection(("127.0.0.1", node.port), timeout=10)
         try:
             sock.sendall(_associate_rq_with_roles_and_rejected_contexts())
-            answers[engine] = _read_pdu(sock)
+            answers[engine] = read_pdu(sock)
         finally:
             _raw_release(sock)
     assert answers["fast"][0] == 0x02
@@ -349,9 +309,9 @@ def test_c_echo_and_c_store_responses_are_byte_identical_with_either_engine(node
         _, sock = _raw_associate(node.port, contexts=(VERIFICATION, "1.2.840.10008.5.1.4.1.1.2"))
         try:
             sock.sendall(_p_data(1, 0x03, echo))
-            echo_rsp = _read_pdu(sock)
+            echo_rsp = read_pdu(sock)
             sock.sendall(_p_data(3, 0x03, store) + _p_data(3, 0x02, dataset))
-            answers[engine] = (echo_rsp, _read_pdu(sock))
+            answers[engine] = (echo_rsp, read_pdu(sock))
         finally:
             _raw_release(sock)
     from node.ul import parse_command
