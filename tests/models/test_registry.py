@@ -151,7 +151,11 @@ def test_state_dict_and_torchscript_bundles_compute_the_same(model_dir: Path) ->
     with torch.inference_mode():
         seg_a, cls_a = plain.module(x)
         seg_b, cls_b = scripted.module(x)
-    assert torch.equal(seg_a, seg_b) and torch.equal(cls_a, cls_b)
+    # The same function to float32 rounding: the state_dict path runs channels-last on a CPU, which
+    # on some CPUs (AVX2-only ones) picks another kernel with another summation order (measured
+    # difference 2e-6 on logits up to 15).
+    torch.testing.assert_close(seg_a, seg_b, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(cls_a, cls_b, rtol=1e-6, atol=1e-5)
     assert not plain.module.training and not scripted.module.training
 
 
