@@ -229,6 +229,17 @@ def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
     return pdu_type, exact(length)
 
 
+def raw_release(sock: socket.socket) -> bytes:
+    """Send an A-RELEASE-RQ on an established association; return the reply PDU (type byte + body)
+    and close the socket."""
+    try:
+        sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        pdu_type, body = read_pdu(sock)
+        return bytes([pdu_type]) + body
+    finally:
+        sock.close()
+
+
 def associate_result(port: int, *, calling_ae: str = SCU_AE, called_ae: str = "EDGE_NODE") -> tuple[bool, Any]:
     """Try an association; return (established, (result, source, diagnostic) of a reject or None).
 
@@ -242,9 +253,8 @@ def associate_result(port: int, *, calling_ae: str = SCU_AE, called_ae: str = "E
                                          calling_ae=calling_ae, called_ae=called_ae))
         pdu_type, body = read_pdu(sock)
         if pdu_type == 0x02:  # A-ASSOCIATE-AC: release it (A-RELEASE-RQ, then the node's RP)
-            sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
-            release_type, _ = read_pdu(sock)
-            assert release_type == 0x06, f"expected A-RELEASE-RP, got PDU type {release_type:#x}"
+            reply = raw_release(sock)
+            assert reply[0] == 0x06, f"expected A-RELEASE-RP, got PDU type {reply[0]:#x}"
             return True, None
         if pdu_type == 0x03 and len(body) >= 4:  # A-ASSOCIATE-RJ: reserved, result, source, reason
             return False, (body[1], body[2], body[3])

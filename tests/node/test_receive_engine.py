@@ -20,6 +20,7 @@ from tests.node.conftest import (
     encode_associate_rq,
     make_ct,
     make_series,
+    raw_release,
     read_pdu,
     send,
     wait_for,
@@ -59,7 +60,7 @@ def test_rejects_and_the_association_log_line_are_the_same_with_either_engine(no
         try:
             assert associate_result(node.port) == (False, (0x02, 0x03, 0x02))
         finally:
-            _raw_release(first)
+            raw_release(first)
         wait_for(lambda: associate_result(node.port)[0], what="the slot released")
         assert associate_result(node.port, calling_ae="INTRUDER") == (False, (0x01, 0x01, 0x03))
         assert associate_result(node.port, called_ae="SOMEBODY_ELSE") == (False, (0x01, 0x01, 0x07))
@@ -94,15 +95,6 @@ def _raw_associate(port: int, contexts: tuple[str, ...] = (VERIFICATION,)) -> tu
     return port, sock
 
 
-def _raw_release(sock: socket.socket) -> bytes:
-    try:
-        sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
-        pdu_type, body = read_pdu(sock)
-        return bytes([pdu_type]) + body
-    finally:
-        sock.close()
-
-
 def _command(elements: list[tuple[int, bytes]]) -> bytes:
     body = b"".join(struct.pack("<HHI", 0, e, len(v)) + v for e, v in elements)
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body
@@ -115,7 +107,7 @@ def _p_data(context_id: int, control: int, payload: bytes) -> bytes:
 def test_release_is_answered_with_a_release_rp_and_logged(node, caplog):
     with caplog.at_level(logging.INFO, logger="node.scp"):
         _, sock = _raw_associate(node.port)
-        assert _raw_release(sock) == b"\x06\x00\x00\x00\x00"
+        assert raw_release(sock) == b"\x06\x00\x00\x00\x00"
         wait_for(lambda: "outcome=released" in caplog.text, what="the association log line")
 
 
@@ -133,7 +125,7 @@ def test_echo_split_over_two_command_fragments_is_answered(node):
         assert rsp[0x0100] == struct.pack("<H", 0x8030) and rsp[0x0120] == struct.pack("<H", 7)
         assert rsp[0x0900] == b"\x00\x00"
     finally:
-        _raw_release(sock)
+        raw_release(sock)
 
 
 def test_unsupported_operation_answers_0211_and_the_association_goes_on(node):
@@ -148,7 +140,7 @@ def test_unsupported_operation_answers_0211_and_the_association_goes_on(node):
         rsp = parse_command(body[6:])
         assert rsp[0x0100] == struct.pack("<H", 0x8020) and rsp[0x0900] == struct.pack("<H", 0x0211)
     finally:
-        assert _raw_release(sock) == b"\x06\x00\x00\x00\x00"
+        assert raw_release(sock) == b"\x06\x00\x00\x00\x00"
 
 
 @pytest.mark.parametrize(
@@ -288,7 +280,7 @@ def test_associate_ac_is_byte_identical_with_either_engine(node_factory):
             sock.sendall(_associate_rq_with_roles_and_rejected_contexts())
             answers[engine] = read_pdu(sock)
         finally:
-            _raw_release(sock)
+            raw_release(sock)
     assert answers["fast"][0] == 0x02
     assert answers["fast"] == answers["pynetdicom"]
 
@@ -313,7 +305,7 @@ def test_c_echo_and_c_store_responses_are_byte_identical_with_either_engine(node
             sock.sendall(_p_data(3, 0x03, store) + _p_data(3, 0x02, dataset))
             answers[engine] = (echo_rsp, read_pdu(sock))
         finally:
-            _raw_release(sock)
+            raw_release(sock)
     from node.ul import parse_command
 
     assert parse_command(answers["fast"][1][1][6:])[0x0900] == b"\x00\x00"  # stored
