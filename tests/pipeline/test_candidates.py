@@ -1,0 +1,137 @@
+"""The candidate stage's parts: eigenvalues, the dot filter, detection, patches, scoring, painting."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.candidates import (
+    Candidate,
+    detect_candidates,
+    dot_filter,
+    lps_to_index,
+    paint_candidates,
+    sample_patches,
+    score_candidates,
+    symmetric_eigenvalues,
+    window,
+)
+from pipeline.types import Volume
+
+
+def _affine(spacing_zyx: tuple[float, float, float], origin: tuple[float, float, float] = (-40.0, 25.0, 7.0)
+            ) -> np.ndarray:
+    affine = np.diag([spacing_zyx[2], spacing_zyx[1], spacing_zyx[0], 1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
+def _lung_with(shape: tuple[int, int, int], spacing: float = 2.0) -> tuple[Volume, np.ndarray, np.ndarray]:
+    """A box of lung (-850 HU) in soft tissue, with a solid ball (r 4 mm) and a vessel (r 2 mm) in it;
+    returns the windowed image (0 = -1000 HU, 1 = 400 HU), the lung mask and the ball's centre (k, j, i)."""
+    kk, jj, ii = np.indices(shape).astype(np.float64) * spacing
+    hu = np.full(shape, 40.0)
+    lung = np.zeros(shape, dtype=bool)
+    lung[3:-3, 3:-3, 3:-3] = True
+    hu[lung] = -850.0
+    centre = np.array([shape[0] // 2, shape[1] // 3, shape[2] // 3])
+    ball = ((kk - centre[0] * spacing) ** 2 + (jj - centre[1] * spacing) ** 2
+            + (ii - centre[2] * spacing) ** 2) <= 4.0 ** 2
+    vessel = ((jj - 2 * shape[1] // 3 * spacing) ** 2 + (ii - 2 * shape[2] // 3 * spacing) ** 2 <= 2.0 ** 2) & lung
+    hu[ball | vessel] = 40.0
+    image = Volume(((hu + 1000.0) / 1400.0).astype(np.float32), _affine((spacing,) * 3))
+    return image, lung, centre
+
+
+def test_closed_form_eigenvalues_match_numpy_including_repeated_ones() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(2000, 3, 3))
+    a = a + a.transpose(0, 2, 1)
+    a[:3] = np.eye(3) * 2.0  # triple eigenvalue
+    a[3] = np.diag([1.0, 1.0, -2.0])  # double
+    expected = np.linalg.eigvalsh(a)
+    got = np.stack(symmetric_eigenvalues(a[:, 0, 0], a[:, 1, 1], a[:, 2, 2], a[:, 0, 1], a[:, 0, 2], a[:, 1, 2]), 1)
+    np.testing.assert_allclose(got, expected, atol=1e-9)
+
+
+def test_the_dot_filter_answers_a_ball_far_more_than_a_vessel_of_its_width() -> None:
+    image, lung, centre = _lung_with((24, 40, 40))
+    response = dot_filter(image.array_zyx, 1.0, lung)
+    at_ball = response[tuple(centre)]
+    k = centre[0]
+    at_vessel = response[k, 2 * 40 // 3 - 1:2 * 40 // 3 + 2, 2 * 40 // 3 - 1:2 * 40 // 3 + 2].max()
+    assert at_ball > 5 * at_vessel and at_ball > 0.01
+    assert response[~lung].max() == 0.0  # only inside the region
+    assert response[5, 5, 5] == 0.0  # flat lung: nothing
+
+
+def test_detection_ranks_the_ball_first_and_leaves_out_what_is_already_found() -> None:
+    image, lung, centre = _lung_with((24, 40, 40))
+    kwargs = dict(scales_mm=(2.0, 3.0), min_level=0.12, min_response=0.005, max_candidates=10)
+    found = detect_candidates(image, lung, **kwargs)
+    assert found, "the ball must be a candidate"
+    first = np.rint(lps_to_index(image, np.asarray([found[0].center_lps_mm]))[0]).astype(int)
+    assert np.abs(first - centre).max() <= 1
+    assert found[0].response == max(c.response for c in found)
+    assert 3.0 <= found[0].radius_mm <= 6.0  # the ball's radius is 4 mm
+    covered = np.zeros(lung.shape, dtype=bool)
+    covered[tuple(slice(c - 3, c + 4) for c in centre)] = True
+    rest = detect_candidates(image, lung, covered_zyx=covered, **kwargs)
+    assert all(not covered[tuple(np.rint(lps_to_index(image, np.asarray([c.center_lps_mm]))[0]).astype(int))]
+               for c in rest)
+    assert len(detect_candidates(image, lung, **{**kwargs, "max_candidates": 1})) == 1
+    assert detect_candidates(image, np.zeros_like(lung), **kwargs) == []
+    with pytest.raises(ValueError, match="lung mask"):
+        detect_candidates(image, lung[1:], **kwargs)
+
+
+def test_patches_are_resampled_from_the_source_at_the_stage_spacing() -> None:
+    # A linear image (value = LPS x + 2 y + 3 z) on an anisotropic grid: trilinear sampling is exact.
+    shape, spacing = (20, 30, 40), (2.5, 0.8, 0.7)
+    volume = Volume(np.zeros(shape, dtype=np.float32), _affine(spacing))
+    lps = volume.index_to_lps(np.argwhere(np.ones(shape, dtype=bool)).astype(np.float64))
+    volume = volume.with_array((lps[:, 0] + 2 * lps[:, 1] + 3 * lps[:, 2]).reshape(shape).astype(np.float32))
+    centre = volume.index_to_lps(np.asarray([[10.0, 15.0, 20.0]]))[0]
+    patches = sample_patches(volume, [centre], size=5, spacing_mm=1.25)
+    assert patches.shape == (1, 5, 5, 5)
+    offsets = (np.arange(5) - 2) * 1.25
+    expected = (centre[0] + offsets[None, None, :] + 2 * (centre[1] + offsets[None, :, None])
+                + 3 * (centre[2] + offsets[:, None, None]))
+    np.testing.assert_allclose(patches[0], expected, atol=1e-3)
+    outside = sample_patches(volume, [centre + 1000.0], size=3, spacing_mm=1.0)
+    assert np.all(outside == -1000.0)
+    assert sample_patches(volume, [], size=4, spacing_mm=1.0).shape == (0, 4, 4, 4)
+    np.testing.assert_allclose(window(np.array([-1200.0, -300.0, 900.0], dtype=np.float32), -1000, 400),
+                               [0.0, 0.5, 1.0])
+
+
+def test_scores_are_the_classifiers_probabilities_shifted_by_the_bias() -> None:
+    class Mean(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(1, 2, 3, 4)).reshape(-1, 1) * 4.0 - 2.0
+
+    patches = np.stack([np.zeros((4, 4, 4)), np.full((4, 4, 4), 0.5), np.ones((4, 4, 4))]).astype(np.float32)
+    scores = score_candidates(Mean(), patches, bias=1.0, batch_size=2)
+    np.testing.assert_allclose(scores, 1.0 / (1.0 + np.exp(-np.array([-1.0, 1.0, 3.0]))))
+    assert score_candidates(Mean(), patches[:0]).shape == (0,)
+
+
+def test_accepted_candidates_are_painted_as_balls_of_their_radius() -> None:
+    spacing = (2.0, 0.5, 0.5)
+    volume = Volume(np.zeros((30, 80, 80), dtype=np.float32), _affine(spacing))
+    probability = np.zeros(volume.shape_zyx, dtype=np.float32)
+    probability[0, 0, 0] = 0.99  # kept where already higher
+    centre = volume.index_to_lps(np.asarray([[15.0, 40.0, 40.0]]))[0]
+    far = volume.index_to_lps(np.asarray([[5.0, 10.0, 10.0]]))[0]
+    scale = 6.0 / math.sqrt(3.0)  # radius 6 mm
+    candidates = [Candidate(tuple(centre), scale, 1.0), Candidate(tuple(far), scale, 0.5)]
+    painted = paint_candidates(probability, volume, candidates, [0.98, 0.6], min_score=0.97)
+    assert painted == 1
+    ball = probability == np.float32(0.98)
+    volume_mm3 = ball.sum() * 2.0 * 0.5 * 0.5
+    assert abs(volume_mm3 - 4.0 / 3.0 * math.pi * 6.0 ** 3) / (4.0 / 3.0 * math.pi * 6.0 ** 3) < 0.1
+    assert probability[15, 40, 40] == np.float32(0.98) and probability[5, 10, 10] == 0.0
+    assert probability[0, 0, 0] == np.float32(0.99)
