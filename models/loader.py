@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.networks import build_network, fold_batch_norm, widen_single_channel_inputs
-from models.spec import ModelError, ModelSpec, WeightsFormat
+from models.networks import CANDIDATE_ARCHITECTURES, build_network, fold_batch_norm, widen_single_channel_inputs
+from models.spec import ArchitectureSpec, ModelError, ModelSpec, WeightsFormat, WeightsSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,14 @@ class ModelHandle:
     """A loaded model ready for inference: the manifest, the module in eval mode and its device.
 
     ``module(x)`` takes ``[B, C_in, Z, Y, X]`` float32 on ``device`` and returns what
-    `models.networks.split_outputs` understands.
+    `models.networks.split_outputs` understands. ``candidates`` is the candidate stage's classifier
+    (``[candidates]`` in the manifest), or None.
     """
 
     spec: ModelSpec
     module: nn.Module
     device: torch.device
+    candidates: nn.Module | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -123,22 +125,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_weights(spec: ModelSpec) -> Path:
-    """Check that the weights file exists and matches the manifest's sha256; return its path.
+def verify_weights(spec: ModelSpec, weights: WeightsSpec | None = None) -> Path:
+    """Check that a weights file of the bundle (the network's, or ``weights``: e.g. the candidate
+    stage's) exists and matches the manifest's sha256; return its path.
 
     Raises
     ------
     WeightsError
         Missing file, or a hash mismatch naming the file, the expected and the actual hash.
     """
-    path = spec.weights_path
+    weights = weights or spec.weights
+    path = spec.bundle_dir / weights.file
     if not path.is_file():
         raise WeightsError(f"model {spec.name} {spec.version}: weights file {path} is missing; "
                            "reinstall the bundle")
     actual = sha256_file(path)
-    if actual != spec.weights.sha256:
+    if actual != weights.sha256:
         raise WeightsError(f"model {spec.name} {spec.version}: weights file {path} has sha256 {actual}, "
-                           f"the manifest expects {spec.weights.sha256}; the file is damaged or does "
+                           f"the manifest expects {weights.sha256}; the file is damaged or does "
                            "not belong to this model.toml")
     return path
 
@@ -169,7 +173,12 @@ def load_model(spec: ModelSpec, device: torch.device | str = "auto") -> ModelHan
         started = time.perf_counter()
         path = verify_weights(spec)
         module = _load_module(spec, path, target)
-        handle = ModelHandle(spec=spec, module=module, device=target)
+        candidates = None
+        if spec.candidates is not None:
+            candidates = _prepare(_load_state_dict(spec, spec.candidates.architecture,
+                                                   verify_weights(spec, spec.candidates.weights),
+                                                   CANDIDATE_ARCHITECTURES), target)
+        handle = ModelHandle(spec=spec, module=module, device=target, candidates=candidates)
         _cache[key] = handle
     log.info("event=model_loaded model=%s version=%s device=%s format=%s seconds=%.3f", spec.name,
              spec.version, target, spec.weights.format.value, time.perf_counter() - started)
@@ -195,7 +204,13 @@ def _load_module(spec: ModelSpec, path: Path, device: torch.device) -> nn.Module
             raise WeightsError(f"model {spec.name}: {path} is not a TorchScript file: "
                                f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from None
         return module.eval()
-    network = build_network(spec.architecture)
+    return _prepare(_load_state_dict(spec, spec.architecture, path), device)
+
+
+def _load_state_dict(spec: ModelSpec, architecture: ArchitectureSpec, path: Path,
+                     registry: dict[str, type[nn.Module]] | None = None) -> nn.Module:
+    """Build ``architecture`` and load the state_dict at ``path`` into it (strictly), in eval mode."""
+    network = build_network(architecture) if registry is None else build_network(architecture, registry)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for a bad pickle/zip
@@ -211,14 +226,18 @@ def _load_module(spec: ModelSpec, path: Path, device: torch.device) -> nn.Module
         result = network.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
         raise WeightsError(f"model {spec.name}: {path} does not fit architecture "
-                           f"{spec.architecture.name} with these params: "
+                           f"{architecture.name} with these params: "
                            f"{str(exc).splitlines()[-1].strip()}") from None
     if result.missing_keys or result.unexpected_keys:
         raise WeightsError(
-            f"model {spec.name}: {path} does not fit architecture {spec.architecture.name} with "
+            f"model {spec.name}: {path} does not fit architecture {architecture.name} with "
             f"these params: missing {list(result.missing_keys)[:5]}, unexpected "
             f"{list(result.unexpected_keys)[:5]}")
-    network.eval()
+    return network.eval()
+
+
+def _prepare(network: nn.Module, device: torch.device) -> nn.Module:
+    """A loaded network made ready for inference on ``device``."""
     # Inference only: batch normalisation folded into the convolutions before it (the same function,
     # without a pass over the activations per normalisation).
     fold_batch_norm(network)

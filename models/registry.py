@@ -70,6 +70,9 @@ class ModelRegistry:
             if not spec.weights_path.is_file():
                 self._problem(folder, f"weights file {spec.weights.file} is missing")
                 continue
+            if spec.candidates is not None and not (folder / spec.candidates.weights.file).is_file():
+                self._problem(folder, f"candidate stage weights file {spec.candidates.weights.file} is missing")
+                continue
             if spec.name in self._models:
                 self._problem(folder, f"model name {spec.name} is already provided by "
                                       f"{self._models[spec.name].bundle_dir}")

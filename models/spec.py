@@ -27,6 +27,8 @@ MANIFEST_NAME = "model.toml"
 #: Architectures `models.networks` can build from a state_dict (kept here so that the receiver can
 #: reject a bundle without importing torch; a test keeps it equal to the networks' own list).
 KNOWN_ARCHITECTURES: tuple[str, ...] = ("unet3d", "fcn3d")
+#: Architectures of a candidate stage's classifier (``[candidates.architecture]``).
+KNOWN_CANDIDATE_ARCHITECTURES: tuple[str, ...] = ("patch_classifier3d",)
 
 #: Preprocessing operations `pipeline.preprocess.run_plan` knows (issue 3, item 2).
 KNOWN_PREPROCESS_OPS: tuple[str, ...] = (
@@ -48,7 +50,7 @@ KNOWN_PREPROCESS_OPS: tuple[str, ...] = (
 MANIFEST_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "": (frozenset({"name", "version", "family", "architecture", "weights", "series", "inference",
                     "labels"}),
-         frozenset({"description", "preprocess", "segmentation", "study_finding", "outputs"})),
+         frozenset({"description", "preprocess", "segmentation", "study_finding", "outputs", "candidates"})),
     "architecture": (frozenset({"name"}), frozenset({"params"})),
     "weights": (frozenset({"file", "sha256"}), frozenset({"format"})),
     "series": (frozenset({"modality"}),
@@ -64,6 +66,9 @@ MANIFEST_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "segmentation": (frozenset(), frozenset({"type"})),
     "study_finding": (frozenset({"name", "code"}), frozenset({"threshold", "source"})),
     "outputs": (frozenset(), frozenset({"seg_series_description", "sr_series_description"})),
+    "candidates": (frozenset({"label", "architecture", "weights", "patch_size", "patch_spacing_mm"}),
+                   frozenset({"scales_mm", "min_level", "min_response", "max_candidates", "window_hu",
+                              "score_bias", "skip_probability"})),
     "code": (frozenset({"value", "scheme", "meaning"}), frozenset()),
 }
 
@@ -281,6 +286,33 @@ class OutputsSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class CandidateStageSpec:
+    """``[candidates]``: a second look at the lungs where the network found nothing
+    (`pipeline.candidates`).
+
+    Blob candidates on the network's input grid (Hessian dot filter at ``scales_mm``, smoothed input
+    ≥ ``min_level`` and response ≥ ``min_response``, in the network input's units; at most
+    ``max_candidates``, strongest first; none where the network's probability of ``label`` reaches
+    ``skip_probability``) → a ``patch_size``³ cube at ``patch_spacing_mm`` from the source image,
+    windowed to ``window_hu`` → the classifier (``architecture``, ``weights``) →
+    ``sigmoid(logit + score_bias)`` → a ball in ``label``'s probability channel on the source grid.
+    """
+
+    label: int
+    architecture: ArchitectureSpec
+    weights: WeightsSpec
+    patch_size: int
+    patch_spacing_mm: float
+    scales_mm: tuple[float, ...] = (2.0, 3.0, 4.0, 6.0)
+    min_level: float = 0.12
+    min_response: float = 0.005
+    max_candidates: int = 120
+    window_hu: tuple[float, float] = (-1000.0, 400.0)
+    score_bias: float = 0.0
+    skip_probability: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
 class SeriesCandidate:
     """What routing knows of a series from its headers, without pixels.
 
@@ -317,6 +349,7 @@ class ModelSpec:
     study_finding: StudyFindingSpec | None
     outputs: OutputsSpec
     bundle_dir: Path
+    candidates: CandidateStageSpec | None = None
 
     @property
     def weights_path(self) -> Path:
@@ -439,6 +472,7 @@ def parse_spec(data: Mapping[str, Any], *, bundle_dir: Path, source: str = MANIF
     segmentation = _parse_segmentation(p, top.get("segmentation", {}))
     study_finding = (_parse_study_finding(p, top["study_finding"]) if "study_finding" in top else None)
     outputs = _parse_outputs(p, top.get("outputs", {}))
+    candidates = _parse_candidates(p, top["candidates"], labels) if "candidates" in top else None
     out_channels = architecture.params.get("out_channels")
     expected = max(label.value for label in labels) + 1
     if out_channels is not None and out_channels != expected:
@@ -448,7 +482,7 @@ def parse_spec(data: Mapping[str, Any], *, bundle_dir: Path, source: str = MANIF
                      architecture=architecture, weights=weights, series=series,
                      preprocess=preprocess, inference=inference, labels=labels,
                      segmentation=segmentation, study_finding=study_finding, outputs=outputs,
-                     bundle_dir=Path(bundle_dir))
+                     bundle_dir=Path(bundle_dir), candidates=candidates)
 
 
 def _parse_architecture(p: _Parser, raw: Any, *, buildable: bool) -> ArchitectureSpec:
@@ -461,16 +495,59 @@ def _parse_architecture(p: _Parser, raw: Any, *, buildable: bool) -> Architectur
     return ArchitectureSpec(name=name, params=_freeze(params))
 
 
-def _parse_weights(p: _Parser, raw: Any) -> WeightsSpec:
-    t = p.table(raw, "weights", section="weights")
-    file = p.string(t, "file", prefix="weights")
+def _parse_weights(p: _Parser, raw: Any, *, key: str = "weights") -> WeightsSpec:
+    t = p.table(raw, key, section="weights")
+    file = p.string(t, "file", prefix=key)
     if Path(file).is_absolute() or ".." in Path(file).parts:
-        p.fail("weights.file", "must be a file name inside the bundle folder")
-    sha256 = p.string(t, "sha256", prefix="weights").lower()
+        p.fail(f"{key}.file", "must be a file name inside the bundle folder")
+    sha256 = p.string(t, "sha256", prefix=key).lower()
     if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        p.fail("weights.sha256", "must be 64 hexadecimal digits")
-    fmt = p.enum(t, "format", WeightsFormat, prefix="weights", default=WeightsFormat.STATE_DICT)
+        p.fail(f"{key}.sha256", "must be 64 hexadecimal digits")
+    fmt = p.enum(t, "format", WeightsFormat, prefix=key, default=WeightsFormat.STATE_DICT)
     return WeightsSpec(file=file, sha256=sha256, format=fmt)
+
+
+def _parse_candidates(p: _Parser, raw: Any, labels: tuple[LabelSpec, ...]) -> CandidateStageSpec:
+    t = p.table(raw, "candidates", section="candidates")
+    label = p.integer(t, "label", prefix="candidates", minimum=1)
+    if label not in {spec.value for spec in labels}:
+        p.fail("candidates.label", f"is {label}, which no [[labels]] table declares")
+    arch = p.table(t["architecture"], "candidates.architecture", section="architecture")
+    name = p.string(arch, "name", prefix="candidates.architecture")
+    if name not in KNOWN_CANDIDATE_ARCHITECTURES:
+        p.fail("candidates.architecture.name",
+               f"{name!r} is unknown; use one of {', '.join(KNOWN_CANDIDATE_ARCHITECTURES)}")
+    params = p.table(arch.get("params", {}), "candidates.architecture.params", open_keys=True)
+    weights = _parse_weights(p, t["weights"], key="candidates.weights")
+    if weights.format is not WeightsFormat.STATE_DICT:
+        p.fail("candidates.weights.format", "must be 'state_dict' (the classifier is built from its architecture)")
+    scales = t.get("scales_mm", [2.0, 3.0, 4.0, 6.0])
+    if (not isinstance(scales, list) or not scales
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in scales)):
+        p.fail("candidates.scales_mm", "must be a non-empty list of positive numbers (mm)")
+    window = t.get("window_hu", [-1000.0, 400.0])
+    if (not isinstance(window, list) or len(window) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in window)
+            or not window[0] < window[1]):
+        p.fail("candidates.window_hu", "must be [low, high] HU with low < high")
+    skip = p.number(t, "skip_probability", prefix="candidates", default=0.5, positive=True)
+    if skip > 1.0:
+        p.fail("candidates.skip_probability", "must be in (0, 1]")
+    return CandidateStageSpec(
+        label=label,
+        architecture=ArchitectureSpec(name=name, params=_freeze(params)),
+        weights=weights,
+        patch_size=p.integer(t, "patch_size", prefix="candidates", minimum=4, maximum=128),
+        patch_spacing_mm=p.number(t, "patch_spacing_mm", prefix="candidates", positive=True),
+        scales_mm=tuple(float(v) for v in scales),
+        min_level=p.number(t, "min_level", prefix="candidates", default=0.12),
+        min_response=p.number(t, "min_response", prefix="candidates", default=0.005, minimum=0.0),
+        max_candidates=p.integer(t, "max_candidates", prefix="candidates", default=120, minimum=0,
+                                 maximum=10000),
+        window_hu=(float(window[0]), float(window[1])),
+        score_bias=p.number(t, "score_bias", prefix="candidates", default=0.0),
+        skip_probability=skip,
+    )
 
 
 def _parse_series(p: _Parser, raw: Any) -> SeriesCriteriaSpec:

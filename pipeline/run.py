@@ -22,10 +22,13 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from scipy import ndimage
 
 from models.loader import load_model, resolve_device
 from models.registry import ModelRegistry
-from models.spec import ModelSpec, SeriesCandidate
+from models.spec import CandidateStageSpec, ModelSpec, SeriesCandidate
+from pipeline.candidates import (Candidate, detect_candidates, paint_candidates, sample_patches,
+                                 score_candidates, window)
 from pipeline.encode_seg import encode_seg, plan_segments
 from pipeline.encode_sr import encode_sr
 from pipeline.errors import InputRejectedError
@@ -284,6 +287,8 @@ class VolumeAnalysis:
     preprocess_seconds: float
     infer_seconds: float
     postprocess_seconds: float
+    #: The candidate stage's candidates with their scores (empty for a model without one).
+    candidates: tuple[tuple[Candidate, float], ...] = ()
 
 
 def analyze_volume(volume: Volume, model: ModelSpec, handle: Any) -> VolumeAnalysis:
@@ -297,10 +302,22 @@ def analyze_volume(volume: Volume, model: ModelSpec, handle: Any) -> VolumeAnaly
     preprocessed, records = run_plan(volume, model.preprocess)
     t_pre = time.perf_counter()
     output = infer(handle, np.asarray(preprocessed.array_zyx, dtype=np.float32)[None], model.inference)
-    t_infer = time.perf_counter()
     study_logit = output.study_logit
+    stage = model.candidates
+    classifier = getattr(handle, "candidates", None)
+    found: list[Candidate] = []
+    if stage is not None and classifier is not None:
+        found = find_candidates(preprocessed, output.probabilities_czyx, stage)
+    t_infer = time.perf_counter()
     probabilities = _probabilities_on_source(output.probabilities_czyx, records, model.labels)
     del output, preprocessed  # the preprocessed-grid arrays are no longer needed (memory)
+    scored: tuple[tuple[Candidate, float], ...] = ()
+    second = 0.0  # the candidate stage's classification counts as inference, not postprocessing
+    if stage is not None and classifier is not None and stage.label in probabilities:
+        t_second = time.perf_counter()
+        scored = second_look(volume, probabilities[stage.label], found, stage, model.label(stage.label),
+                             classifier, getattr(handle, "device", "cpu"))
+        second = time.perf_counter() - t_second
     fractional = str(getattr(model.segmentation.type, "value", model.segmentation.type)).upper() == "FRACTIONAL"
     result = postprocess(
         probabilities,
@@ -310,7 +327,34 @@ def analyze_volume(volume: Volume, model: ModelSpec, handle: Any) -> VolumeAnaly
         study_finding=model.study_finding,
         keep_probabilities=fractional,
     )
-    return VolumeAnalysis(result, t_pre - started, t_infer - t_pre, time.perf_counter() - t_infer)
+    return VolumeAnalysis(result, t_pre - started, t_infer - t_pre + second,
+                          time.perf_counter() - t_infer - second, scored)
+
+
+def find_candidates(preprocessed: Volume, probabilities_czyx: np.ndarray, stage: CandidateStageSpec) -> list[Candidate]:
+    """The candidate stage's blobs on the network's grid: in and next to the lungs the network drew
+    (every non-background channel), away from what it already calls ``stage.label``."""
+    lungs = probabilities_czyx[0] <= 0.5
+    covered = ndimage.binary_dilation(probabilities_czyx[stage.label] >= stage.skip_probability, iterations=2)
+    return detect_candidates(preprocessed, lungs, scales_mm=stage.scales_mm, min_level=stage.min_level,
+                             min_response=stage.min_response, max_candidates=stage.max_candidates,
+                             covered_zyx=covered)
+
+
+def second_look(volume: Volume, probability_zyx: np.ndarray, candidates: Sequence[Candidate],
+                stage: CandidateStageSpec, label: Any, classifier: Any, device: Any
+                ) -> tuple[tuple[Candidate, float], ...]:
+    """Classify ``candidates`` on cubes of the source image and paint those that reach the label's
+    peak threshold (its threshold when it has none) into ``probability_zyx`` (in place)."""
+    started = time.perf_counter()
+    patches = window(sample_patches(volume, [c.center_lps_mm for c in candidates], size=stage.patch_size,
+                                    spacing_mm=stage.patch_spacing_mm), *stage.window_hu)
+    scores = score_candidates(classifier, patches, device, bias=stage.score_bias)
+    accept = max(float(label.threshold), float(label.peak_threshold))
+    painted = paint_candidates(probability_zyx, volume, candidates, scores, min_score=accept)
+    log.info("event=candidates label=%s candidates=%d accepted=%d seconds=%.2f", label.name, len(candidates),
+             painted, time.perf_counter() - started)
+    return tuple((c, float(v)) for c, v in zip(candidates, scores, strict=True))
 
 
 def write_dataset_atomically(dataset: Dataset, path: Path) -> Path:

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.networks import (ARCHITECTURES, FCN3D, UNet3D, ZeroChannelConv3d, build_network, fold_batch_norm,
+from models.networks import (ARCHITECTURES, CANDIDATE_ARCHITECTURES, FCN3D, PatchClassifier3D, UNet3D,
+                             ZeroChannelConv3d, build_network, fold_batch_norm,
                              global_mean_max, split_outputs, widen_single_channel_inputs)
-from models.spec import KNOWN_ARCHITECTURES, ArchitectureSpec, SpecError
+from models.spec import KNOWN_ARCHITECTURES, KNOWN_CANDIDATE_ARCHITECTURES, ArchitectureSpec, SpecError
 from tests.models.tiny_bundle import tiny_network
 
 
@@ -169,6 +170,27 @@ def test_widening_leaves_multichannel_inputs_and_refuses_a_training_network() ->
 
 def test_the_spec_knows_exactly_the_networks_architectures() -> None:
     assert set(ARCHITECTURES) == set(KNOWN_ARCHITECTURES)
+    assert set(CANDIDATE_ARCHITECTURES) == set(KNOWN_CANDIDATE_ARCHITECTURES)
+    assert not set(ARCHITECTURES) & set(CANDIDATE_ARCHITECTURES)
+
+
+def test_the_patch_classifier_gives_one_logit_per_patch_of_any_size_and_folds_for_inference() -> None:
+    torch.manual_seed(0)
+    net = build_network(ArchitectureSpec("patch_classifier3d", {"width": 4, "levels": 2}), CANDIDATE_ARCHITECTURES)
+    with pytest.raises(SpecError, match="unknown"):
+        build_network(ArchitectureSpec("patch_classifier3d", {}))  # not a segmentation network
+    for size in (24, 17):
+        assert net(torch.randn(3, 1, size, size, size)).shape == (3, 1)
+    net.train()
+    for _ in range(3):  # running statistics that differ from the initial ones
+        net(torch.randn(8, 1, 16, 16, 16) * 2.0 + 1.0)
+    net.eval()
+    x = torch.randn(5, 1, 16, 16, 16)
+    expected = net(x)
+    assert fold_batch_norm(net) == 4  # two per strided block
+    torch.testing.assert_close(net(x), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="positive"):
+        PatchClassifier3D(width=0)
 
 
 def test_build_network_passes_params_and_names_an_unknown_one() -> None:

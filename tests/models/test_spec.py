@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import tomllib
@@ -292,3 +293,50 @@ def test_specs_are_hashable_and_survive_pickling(bundle: Path) -> None:
     assert {spec: 1}[load_spec(bundle)] == 1
     assert pickle.loads(pickle.dumps(spec)) == spec
     assert dict(spec.architecture.params)["channels"] == (3, 13, 5, 3)
+
+
+CANDIDATES: dict[str, Any] = {
+    "label": 2, "patch_size": 24, "patch_spacing_mm": 1.25,
+    "architecture": {"name": "patch_classifier3d", "params": {"width": 8}},
+    "weights": {"file": "candidates.pt", "sha256": "AB" * 32},
+}
+
+
+def test_the_candidate_stage_is_read_with_its_defaults(manifest: dict[str, Any], bundle: Path) -> None:
+    assert parse(manifest, bundle).candidates is None
+    manifest["candidates"] = copy.deepcopy(CANDIDATES)
+    stage = parse(manifest, bundle).candidates
+    assert stage is not None and stage.label == 2 and stage.patch_size == 24 and stage.patch_spacing_mm == 1.25
+    assert stage.architecture.name == "patch_classifier3d" and dict(stage.architecture.params) == {"width": 8}
+    assert stage.weights.file == "candidates.pt" and stage.weights.sha256 == "ab" * 32
+    assert stage.scales_mm == (2.0, 3.0, 4.0, 6.0) and stage.window_hu == (-1000.0, 400.0)
+    assert (stage.min_level, stage.min_response, stage.max_candidates, stage.score_bias, stage.skip_probability) \
+        == (0.12, 0.005, 120, 0.0, 0.5)
+    manifest["candidates"].update(scales_mm=[3, 5], score_bias=-2.5, max_candidates=7)
+    stage = parse(manifest, bundle).candidates
+    assert stage is not None and stage.scales_mm == (3.0, 5.0) and stage.score_bias == -2.5
+    assert stage.max_candidates == 7
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"label": 9}, "candidates.label"),
+        ({"architecture": {"name": "unet3d"}}, "candidates.architecture.name"),
+        ({"weights": {"file": "c.pt", "sha256": "abc"}}, "candidates.weights.sha256"),
+        ({"weights": {"file": "c.pt", "sha256": "ab" * 32, "format": "torchscript"}}, "candidates.weights.format"),
+        ({"weights": {"file": "/etc/c.pt", "sha256": "ab" * 32}}, "candidates.weights.file"),
+        ({"scales_mm": []}, "candidates.scales_mm"),
+        ({"window_hu": [400, -1000]}, "candidates.window_hu"),
+        ({"skip_probability": 1.5}, "candidates.skip_probability"),
+        ({"patch_size": 2}, "candidates.patch_size"),
+        ({"patch_spacing_mm": 0}, "candidates.patch_spacing_mm"),
+        ({"max_candidates": -1}, "candidates.max_candidates"),
+        ({"threshold": 0.5}, "unknown key candidates.threshold"),
+    ],
+)
+def test_a_wrong_candidate_stage_is_rejected_naming_the_key(manifest: dict[str, Any], bundle: Path,
+                                                            change: dict[str, Any], message: str) -> None:
+    manifest["candidates"] = {**copy.deepcopy(CANDIDATES), **change}
+    with pytest.raises(SpecError, match=message):
+        parse(manifest, bundle)

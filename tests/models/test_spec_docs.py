@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.networks import ARCHITECTURES
+from models.networks import ARCHITECTURES, CANDIDATE_ARCHITECTURES
 from models.spec import KNOWN_PREPROCESS_OPS, MANIFEST_KEYS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "model-manifest.md"
@@ -31,9 +31,10 @@ def test_every_manifest_key_is_documented(doc: str, name: str) -> None:
     assert f"| {name} |" in doc, f"{name} is missing from {DOC.name}"
 
 
-@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("architecture", sorted({**ARCHITECTURES, **CANDIDATE_ARCHITECTURES}))
 def test_every_network_parameter_is_documented(doc: str, architecture: str) -> None:
-    params = set(inspect.signature(ARCHITECTURES[architecture].__init__).parameters) - {"self"}
+    network = {**ARCHITECTURES, **CANDIDATE_ARCHITECTURES}[architecture]
+    params = set(inspect.signature(network.__init__).parameters) - {"self"}
     section = doc.split(f"`{architecture}` parameters:", 1)[1].split("\n\n", 1)[0]
     missing = sorted(p for p in params if f"`{p}`" not in section)
     assert not missing, f"{architecture} parameters missing from {DOC.name}: {missing}"
