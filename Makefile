@@ -32,6 +32,7 @@ bench: $(STAMP)
 
 train: $(STAMP)
 	$(PY) -m models.train
+	$(PY) -m models.train_candidates
 
 evaluate: $(STAMP)
 	$(PY) -m models.evaluate
