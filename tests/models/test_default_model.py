@@ -86,3 +86,45 @@ def test_shipped_model_segments_lungs_and_a_nodule_where_a_random_network_cannot
     random_handle = dataclasses.replace(trained, module=random_net)
     r_lung, r_nodule, _ = _scores(spec, random_handle)
     assert r_lung < 0.9 or r_nodule < 0.5, "the floor does not separate trained from random weights"
+
+
+def _candidate_scores(spec, classifier) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Scores of the candidate stage's classifier on candidates of two phantoms (in the true lungs),
+    and whether each lies in a nodule (candidates plus the nodules' centres)."""
+    from models.train_candidates import nodule_under_ball
+    from pipeline.candidates import Candidate, detect_candidates, sample_patches, score_candidates, window
+    from pipeline.preprocess import replay_plan, run_plan
+
+    stage = spec.candidates
+    scores, hits = [], []
+    for seed in SEEDS:
+        phantom = generate_phantom(seed, shape_zyx=(72, 192, 192), nodules=3, nodule_diameter_mm=(6.0, 12.0))
+        volume = Volume(phantom.hu_zyx.astype(np.float32), phantom.affine_lps)
+        image, records = run_plan(volume, spec.preprocess)
+        lungs = np.asarray(replay_plan(volume.with_array(phantom.labels_zyx), records, order=0).array_zyx) >= 1
+        found = detect_candidates(image, lungs, scales_mm=stage.scales_mm, min_level=stage.min_level,
+                                  min_response=stage.min_response, max_candidates=60)
+        found += [Candidate(tuple(phantom.index_to_lps(np.asarray(n.center_zyx_vox, float))), 2.0, 1.0)
+                  for n in phantom.nodules]
+        patches = window(sample_patches(volume, [c.center_lps_mm for c in found], size=stage.patch_size,
+                                        spacing_mm=stage.patch_spacing_mm), *stage.window_hu)
+        scores.extend(score_candidates(classifier, patches))
+        hits.extend(nodule_under_ball(phantom.nodule_ids_zyx, volume, c) > 0 for c in found)
+    return np.asarray(scores), np.asarray(hits)
+
+
+def test_the_candidate_classifier_tells_nodules_from_other_blobs_where_a_random_one_cannot(spec) -> None:  # type: ignore[no-untyped-def]
+    from models.metrics import roc_auc
+    from models.networks import CANDIDATE_ARCHITECTURES
+
+    assert spec.candidates is not None
+    assert sha256_file(spec.bundle_dir / spec.candidates.weights.file) == spec.candidates.weights.sha256
+    handle = load_model(spec, "cpu")
+    scores, hits = _candidate_scores(spec, handle.candidates)
+    assert hits.sum() >= 6 and (~hits).sum() >= 60
+    trained_auc = roc_auc(list(scores), list(hits))
+    assert trained_auc >= 0.9, f"candidate AUC {trained_auc:.3f}"
+    torch.manual_seed(0)
+    random_net = build_network(spec.candidates.architecture, CANDIDATE_ARCHITECTURES).eval()
+    random_auc = roc_auc(list(_candidate_scores(spec, random_net)[0]), list(hits))
+    assert random_auc < 0.9, "the floor does not separate trained from random weights"

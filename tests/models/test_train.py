@@ -139,6 +139,7 @@ def test_a_tiny_training_run_installs_weights_the_registry_loads(tmp_path: Path)
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     shutil.copy(BUNDLE / "model.toml", bundle / "model.toml")
+    shutil.copy(BUNDLE / "candidates.pt", bundle / "candidates.pt")  # the candidate stage's classifier
     settings = TrainSettings(train_cases=2, validation_cases=1, calibration_cases=2, minutes=5.0, max_epochs=2, steps_per_epoch=2,
                              batch_size=1, patch_zyx=(16, 32, 32), workers=1, precision="fp32", compile="off")
     summary = train(bundle, tmp_path / "work", settings)
@@ -171,6 +172,7 @@ def test_training_goes_on_uncompiled_when_the_compiler_fails(tmp_path: Path, mon
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     shutil.copy(BUNDLE / "model.toml", bundle / "model.toml")
+    shutil.copy(BUNDLE / "candidates.pt", bundle / "candidates.pt")  # the candidate stage's classifier
     settings = TrainSettings(train_cases=1, validation_cases=1, calibration_cases=1, minutes=5.0, max_epochs=1,
                              steps_per_epoch=3, batch_size=1, patch_zyx=(16, 32, 32), workers=1, precision="fp32",
                              compile="on")
