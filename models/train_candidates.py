@@ -475,9 +475,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                        train_cases=args.train_cases, validation_cases=args.validation_cases,
                        calibration_cases=args.calibration_cases,
                        max_added_false_positives=args.max_added_false_positives, workers=args.workers)
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     summary: dict[str, Any] = {}
     if not args.calibrate_only:
         trained = train_classifier(args.bundle, args.work_dir, settings)
