@@ -292,8 +292,9 @@ class VolumeAnalysis:
 
 
 def analyze_volume(volume: Volume, model: ModelSpec, handle: Any) -> VolumeAnalysis:
-    """Run a model on a volume in HU: plan → sliding-window inference → back to the source grid →
-    postprocessing. The one analysis path, shared by `run_job` and the model evaluation
+    """Run a model on a volume in HU: plan → sliding-window inference → (the bundle's candidate stage:
+    blobs on the network's grid, classified and painted on the source grid) → back to the source
+    grid → postprocessing. The one analysis path, shared by `run_job` and the model evaluation
     (`models.evaluate`), so what is measured is what the node runs.
 
     Findings carry no tracking UIDs yet (`run_job` derives them from the source instances).
