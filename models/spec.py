@@ -485,13 +485,14 @@ def parse_spec(data: Mapping[str, Any], *, bundle_dir: Path, source: str = MANIF
                      bundle_dir=Path(bundle_dir), candidates=candidates)
 
 
-def _parse_architecture(p: _Parser, raw: Any, *, buildable: bool) -> ArchitectureSpec:
-    """``buildable``: state_dict weights need one of our networks; TorchScript carries its own."""
-    t = p.table(raw, "architecture", section="architecture")
-    name = p.string(t, "name", prefix="architecture")
-    if buildable and name not in KNOWN_ARCHITECTURES:
-        p.fail("architecture.name", f"{name!r} is unknown; use one of {', '.join(KNOWN_ARCHITECTURES)}")
-    params = p.table(t.get("params", {}), "architecture.params", open_keys=True)
+def _parse_architecture(p: _Parser, raw: Any, *, buildable: bool, key: str = "architecture",
+                        known: tuple[str, ...] = KNOWN_ARCHITECTURES) -> ArchitectureSpec:
+    """``buildable``: state_dict weights need one of the ``known`` networks; TorchScript carries its own."""
+    t = p.table(raw, key, section="architecture")
+    name = p.string(t, "name", prefix=key)
+    if buildable and name not in known:
+        p.fail(f"{key}.name", f"{name!r} is unknown; use one of {', '.join(known)}")
+    params = p.table(t.get("params", {}), f"{key}.params", open_keys=True)
     return ArchitectureSpec(name=name, params=_freeze(params))
 
 
@@ -512,12 +513,8 @@ def _parse_candidates(p: _Parser, raw: Any, labels: tuple[LabelSpec, ...]) -> Ca
     label = p.integer(t, "label", prefix="candidates", minimum=1)
     if label not in {spec.value for spec in labels}:
         p.fail("candidates.label", f"is {label}, which no [[labels]] table declares")
-    arch = p.table(t["architecture"], "candidates.architecture", section="architecture")
-    name = p.string(arch, "name", prefix="candidates.architecture")
-    if name not in KNOWN_CANDIDATE_ARCHITECTURES:
-        p.fail("candidates.architecture.name",
-               f"{name!r} is unknown; use one of {', '.join(KNOWN_CANDIDATE_ARCHITECTURES)}")
-    params = p.table(arch.get("params", {}), "candidates.architecture.params", open_keys=True)
+    architecture = _parse_architecture(p, t["architecture"], buildable=True, key="candidates.architecture",
+                                       known=KNOWN_CANDIDATE_ARCHITECTURES)
     weights = _parse_weights(p, t["weights"], key="candidates.weights")
     if weights.format is not WeightsFormat.STATE_DICT:
         p.fail("candidates.weights.format", "must be 'state_dict' (the classifier is built from its architecture)")
@@ -535,7 +532,7 @@ def _parse_candidates(p: _Parser, raw: Any, labels: tuple[LabelSpec, ...]) -> Ca
         p.fail("candidates.skip_probability", "must be in (0, 1]")
     return CandidateStageSpec(
         label=label,
-        architecture=ArchitectureSpec(name=name, params=_freeze(params)),
+        architecture=architecture,
         weights=weights,
         patch_size=p.integer(t, "patch_size", prefix="candidates", minimum=4, maximum=128),
         patch_spacing_mm=p.number(t, "patch_spacing_mm", prefix="candidates", positive=True),

@@ -92,7 +92,7 @@ def prepare_candidate_case(seed: int, bundle_dir: Path) -> dict[str, NDArray[Any
     """One phantom's candidates as training examples: patches (HU, float16), labels and diameters."""
     from models.phantoms import generate_phantom
     from models.spec import load_spec
-    from pipeline.candidates import detect_candidates, sample_patches
+    from pipeline.candidates import detect_candidates, lps_to_index, sample_patches
     from pipeline.preprocess import replay_plan, run_plan
     from pipeline.types import Volume
 
@@ -112,7 +112,7 @@ def prepare_candidate_case(seed: int, bundle_dir: Path) -> dict[str, NDArray[Any
     diameters = {n.index: float(n.diameter_mm) for n in phantom.nodules}
     centres, label, diameter = [], [], []
     for c in found:
-        kji = np.rint(image_index(image, c.center_lps_mm)).astype(int)
+        kji = np.rint(lps_to_index(image, np.asarray([c.center_lps_mm]))[0]).astype(int)
         inside = all(0 <= v < n for v, n in zip(kji, ids.shape))
         hit = int(near[tuple(kji)]) if inside else 0
         centres.append(c.center_lps_mm)
@@ -133,12 +133,6 @@ def prepare_candidate_case(seed: int, bundle_dir: Path) -> dict[str, NDArray[Any
     return {"patches": patches.astype(np.float16), "labels": np.asarray(label, dtype=np.uint8),
             "diameters": np.asarray(diameter, dtype=np.float32),
             "detected": np.asarray([1] * len(found) + [0] * (len(label) - len(found)), dtype=np.uint8)}
-
-
-def image_index(image: Any, center_lps: Sequence[float]) -> NDArray[np.float64]:
-    from pipeline.candidates import lps_to_index
-
-    return lps_to_index(image, np.asarray([center_lps], dtype=np.float64))[0]
 
 
 def stage_key(bundle_dir: Path) -> str:
