@@ -68,7 +68,7 @@ MANIFEST_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "outputs": (frozenset(), frozenset({"seg_series_description", "sr_series_description"})),
     "candidates": (frozenset({"label", "architecture", "weights", "patch_size", "patch_spacing_mm"}),
                    frozenset({"scales_mm", "min_level", "min_response", "max_candidates", "window_hu",
-                              "score_bias", "skip_probability"})),
+                              "score_bias", "skip_probability", "max_level", "fill_outside_lungs"})),
     "code": (frozenset({"value", "scheme", "meaning"}), frozenset()),
 }
 
@@ -296,6 +296,8 @@ class CandidateStageSpec:
     ``skip_probability``) → a ``patch_size``³ cube at ``patch_spacing_mm`` from the source image,
     windowed to ``window_hu`` → the classifier (``architecture``, ``weights``) →
     ``sigmoid(logit + score_bias)`` → a ball in ``label``'s probability channel on the source grid.
+    Before filtering, the input may be clipped to ``max_level`` and filled with the lungs' median
+    outside them (``fill_outside_lungs``).
     """
 
     label: int
@@ -310,6 +312,8 @@ class CandidateStageSpec:
     window_hu: tuple[float, float] = (-1000.0, 400.0)
     score_bias: float = 0.0
     skip_probability: float = 0.5
+    max_level: float | None = None
+    fill_outside_lungs: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,6 +534,10 @@ def _parse_candidates(p: _Parser, raw: Any, labels: tuple[LabelSpec, ...]) -> Ca
     skip = p.number(t, "skip_probability", prefix="candidates", default=0.5, positive=True)
     if skip > 1.0:
         p.fail("candidates.skip_probability", "must be in (0, 1]")
+    min_level = p.number(t, "min_level", prefix="candidates", default=0.12)
+    max_level = p.number(t, "max_level", prefix="candidates", default=None)
+    if max_level is not None and not max_level > min_level:
+        p.fail("candidates.max_level", f"is {max_level}, which must be above min_level ({min_level})")
     return CandidateStageSpec(
         label=label,
         architecture=architecture,
@@ -537,13 +545,15 @@ def _parse_candidates(p: _Parser, raw: Any, labels: tuple[LabelSpec, ...]) -> Ca
         patch_size=p.integer(t, "patch_size", prefix="candidates", minimum=4, maximum=128),
         patch_spacing_mm=p.number(t, "patch_spacing_mm", prefix="candidates", positive=True),
         scales_mm=tuple(float(v) for v in scales),
-        min_level=p.number(t, "min_level", prefix="candidates", default=0.12),
+        min_level=min_level,
         min_response=p.number(t, "min_response", prefix="candidates", default=0.005, minimum=0.0),
         max_candidates=p.integer(t, "max_candidates", prefix="candidates", default=120, minimum=0,
                                  maximum=10000),
         window_hu=(float(window[0]), float(window[1])),
         score_bias=p.number(t, "score_bias", prefix="candidates", default=0.0),
         skip_probability=skip,
+        max_level=max_level,
+        fill_outside_lungs=p.boolean(t, "fill_outside_lungs", prefix="candidates", default=False),
     )
 
 

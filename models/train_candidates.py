@@ -107,7 +107,8 @@ def prepare_candidate_case(seed: int, bundle_dir: Path) -> dict[str, NDArray[Any
     ids = np.asarray(replay_plan(volume.with_array(phantom.nodule_ids_zyx.astype(np.int32)), records,
                                  order=0).array_zyx)
     found = detect_candidates(image, labels >= 1, scales_mm=stage.scales_mm, min_level=stage.min_level,
-                              min_response=stage.min_response, max_candidates=stage.max_candidates)
+                              min_response=stage.min_response, max_candidates=stage.max_candidates,
+                              max_level=stage.max_level, fill_outside_lungs=stage.fill_outside_lungs)
     near = ndimage.grey_dilation(ids, size=3)  # a candidate touching a nodule on the 2 mm grid hits it
     diameters = {n.index: float(n.diameter_mm) for n in phantom.nodules}
     centres, label, diameter = [], [], []
@@ -145,7 +146,8 @@ def stage_key(bundle_dir: Path) -> str:
     stage = spec.candidates
     settings = (tuple((s.op, dict(s.params)) for s in spec.preprocess),
                 (stage.scales_mm, stage.min_level, stage.min_response, stage.max_candidates,
-                 stage.patch_size, stage.patch_spacing_mm) if stage else None)
+                 stage.patch_size, stage.patch_spacing_mm, stage.max_level, stage.fill_outside_lungs)
+                if stage else None)
     digest = hashlib.sha256(repr(settings).encode())
     digest.update(Path(models.phantoms.__file__).read_bytes())
     for function in (pipeline.candidates.detect_candidates, pipeline.candidates.dot_filter,

@@ -120,6 +120,8 @@ def detect_candidates(
     min_response: float,
     max_candidates: int,
     covered_zyx: NDArray[np.bool_] | None = None,
+    max_level: float | None = None,
+    fill_outside_lungs: bool = False,
 ) -> list[Candidate]:
     """Bright blobs in and next to the lungs of ``image`` (any intensity scale; ``min_level`` on it).
 
@@ -139,6 +141,12 @@ def detect_candidates(
         The most candidates returned, strongest first.
     covered_zyx
         Voxels already found (the first stage's nodules): candidates there are left out.
+    max_level
+        The image is clipped to this before filtering (None: not clipped), so that faint (ground
+        glass) blobs compete with vessels on shape rather than on contrast.
+    fill_outside_lungs
+        Outside ``lung_mask_zyx`` the image is replaced by the lungs' median before filtering: a nodule
+        on the pleura or the mediastinum then stands out as a blob instead of a bump on the wall.
     """
     array = np.asarray(image.array_zyx, dtype=np.float32)
     if array.shape != lung_mask_zyx.shape:
@@ -151,6 +159,12 @@ def detect_candidates(
     pad = int(math.ceil(3 * max(scales_mm) / min(spacing))) + 1
     box = tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(bounds[0], array.shape))
     local = array[box]
+    if max_level is not None:
+        local = np.minimum(local, np.float32(max_level))
+    if fill_outside_lungs:
+        lungs = lung_mask_zyx[box]
+        if lungs.any():
+            local = np.where(lungs, local, np.float32(np.median(local[lungs]))).astype(np.float32)
     local_region = region[box] & (ndimage.gaussian_filter(local, 0.7) >= min_level)
     best = np.zeros(local.shape, dtype=np.float32)
     best_scale = np.zeros(local.shape, dtype=np.float32)

@@ -339,7 +339,8 @@ def find_candidates(preprocessed: Volume, probabilities_czyx: np.ndarray, stage:
     covered = ndimage.binary_dilation(probabilities_czyx[stage.label] >= stage.skip_probability, iterations=2)
     return detect_candidates(preprocessed, lungs, scales_mm=stage.scales_mm, min_level=stage.min_level,
                              min_response=stage.min_response, max_candidates=stage.max_candidates,
-                             covered_zyx=covered)
+                             covered_zyx=covered, max_level=stage.max_level,
+                             fill_outside_lungs=stage.fill_outside_lungs)
 
 
 def second_look(volume: Volume, probability_zyx: np.ndarray, candidates: Sequence[Candidate],

@@ -312,10 +312,12 @@ def test_the_candidate_stage_is_read_with_its_defaults(manifest: dict[str, Any],
     assert stage.scales_mm == (2.0, 3.0, 4.0, 6.0) and stage.window_hu == (-1000.0, 400.0)
     assert (stage.min_level, stage.min_response, stage.max_candidates, stage.score_bias, stage.skip_probability) \
         == (0.12, 0.005, 120, 0.0, 0.5)
-    manifest["candidates"].update(scales_mm=[3, 5], score_bias=-2.5, max_candidates=7)
+    assert stage.max_level is None and stage.fill_outside_lungs is False
+    manifest["candidates"].update(scales_mm=[3, 5], score_bias=-2.5, max_candidates=7, max_level=0.5,
+                                  fill_outside_lungs=True)
     stage = parse(manifest, bundle).candidates
     assert stage is not None and stage.scales_mm == (3.0, 5.0) and stage.score_bias == -2.5
-    assert stage.max_candidates == 7
+    assert stage.max_candidates == 7 and stage.max_level == 0.5 and stage.fill_outside_lungs is True
 
 
 @pytest.mark.parametrize(
@@ -332,6 +334,8 @@ def test_the_candidate_stage_is_read_with_its_defaults(manifest: dict[str, Any],
         ({"patch_size": 2}, "candidates.patch_size"),
         ({"patch_spacing_mm": 0}, "candidates.patch_spacing_mm"),
         ({"max_candidates": -1}, "candidates.max_candidates"),
+        ({"max_level": 0.1}, "candidates.max_level"),
+        ({"fill_outside_lungs": "yes"}, "candidates.fill_outside_lungs"),
         ({"threshold": 0.5}, "unknown key candidates.threshold"),
     ],
 )

@@ -135,3 +135,54 @@ def test_accepted_candidates_are_painted_as_balls_of_their_radius() -> None:
     assert abs(volume_mm3 - 4.0 / 3.0 * math.pi * 6.0 ** 3) / (4.0 / 3.0 * math.pi * 6.0 ** 3) < 0.1
     assert probability[15, 40, 40] == np.float32(0.98) and probability[5, 10, 10] == 0.0
     assert probability[0, 0, 0] == np.float32(0.99)
+
+
+def _at(image: Volume, candidates: list[Candidate], centre: np.ndarray, tolerance: int = 2) -> list[Candidate]:
+    """The candidates within ``tolerance`` voxels of ``centre``."""
+    return [c for c in candidates
+            if np.abs(np.rint(lps_to_index(image, np.asarray([c.center_lps_mm]))[0]) - centre).max() <= tolerance]
+
+
+def test_filling_outside_the_lungs_makes_a_nodule_on_the_pleura_a_candidate() -> None:
+    shape, spacing = (24, 40, 40), 2.0
+    kk, jj, ii = np.indices(shape).astype(np.float64) * spacing
+    hu = np.full(shape, 40.0)  # chest wall
+    lung = np.zeros(shape, dtype=bool)
+    lung[3:-3, 3:-3, 6:-3] = True
+    hu[lung] = -850.0
+    centre = np.array([12, 20, 7])  # one voxel inside the wall at i = 6: a half ball against the pleura
+    ball = (kk - centre[0] * spacing) ** 2 + (jj - centre[1] * spacing) ** 2 + (ii - centre[2] * spacing) ** 2 <= 5.0 ** 2
+    hu[ball] = 40.0
+    image = Volume(((hu + 1000.0) / 1400.0).astype(np.float32), _affine((spacing,) * 3))
+    truth = lung | ball  # the lungs as the network draws them: with their nodules
+    kwargs = dict(scales_mm=(2.0, 3.0, 4.0), min_level=0.12, min_response=0.005, max_candidates=10)
+    plain = _at(image, detect_candidates(image, truth, **kwargs), centre)
+    filled = detect_candidates(image, truth, fill_outside_lungs=True, **kwargs)
+    assert filled and _at(image, filled[:1], centre), "the nodule on the wall must be the strongest blob"
+    assert not plain or filled[0].response > 2.5 * max(c.response for c in plain)
+
+
+def test_clipping_lets_ground_glass_compete_with_solid_blobs_on_shape() -> None:
+    shape, spacing = (24, 40, 40), 2.0
+    kk, jj, ii = np.indices(shape).astype(np.float64) * spacing
+    hu = np.full(shape, 40.0)
+    lung = np.zeros(shape, dtype=bool)
+    lung[3:-3, 3:-3, 3:-3] = True
+    hu[lung] = -850.0
+    solid, glass = np.array([12, 12, 12]), np.array([12, 27, 27])
+    for centre, value in ((solid, 40.0), (glass, -550.0)):
+        hu[(kk - centre[0] * spacing) ** 2 + (jj - centre[1] * spacing) ** 2
+           + (ii - centre[2] * spacing) ** 2 <= 5.0 ** 2] = value
+    image = Volume(((hu + 1000.0) / 1400.0).astype(np.float32), _affine((spacing,) * 3))
+    kwargs = dict(scales_mm=(2.0, 3.0, 4.0), min_level=0.12, min_response=0.001, max_candidates=10)
+
+    def ratio(found: list[Candidate]) -> float:
+        return max(c.response for c in _at(image, found, glass)) / max(c.response for c in _at(image, found, solid))
+
+    plain = detect_candidates(image, lung, **kwargs)
+    clipped = detect_candidates(image, lung, max_level=(-300.0 + 1000.0) / 1400.0, **kwargs)
+    assert ratio(plain) < 0.5  # on contrast, ground glass (300 HU above the lung) loses to solid (890)
+    assert ratio(clipped) > 1.4 * ratio(plain)
+    # ... while a faint blob under the clip level keeps its response
+    assert max(c.response for c in _at(image, clipped, glass)) == pytest.approx(
+        max(c.response for c in _at(image, plain, glass)), rel=1e-5)
