@@ -15,9 +15,9 @@ stage found nothing:
 3. `score_candidates`: a small 3-D classifier (`models.networks.PatchClassifier3D`) gives each one a
    nodule probability.
 4. `paint_candidates`: a candidate the classifier accepts becomes a ball of its scale's radius in the
-   nodule channel on the source grid, with its probability, so that postprocessing treats it like any
-   other component: the peak threshold, the minimum size, the half-maximum edge on the source image,
-   and the measurements.
+   nodule channel on the source grid, with its probability (the other channels giving way to it),
+   so that postprocessing treats it like any other component: the peak threshold, the minimum size,
+   the half-maximum edge on the source image, and the measurements.
 
 Pure numpy/scipy/torch; the manifest's ``[candidates]`` table (`models.spec.CandidateStageSpec`) holds
 the settings, `models.train_candidates` trains and calibrates the classifier.
@@ -260,9 +260,15 @@ def ball_region(volume: Volume, candidate: Candidate) -> tuple[tuple[slice, slic
 
 
 def paint_candidates(probability_zyx: NDArray[np.floating[Any]], volume: Volume,
-                     candidates: Sequence[Candidate], scores: Sequence[float], *, min_score: float) -> int:
+                     candidates: Sequence[Candidate], scores: Sequence[float], *, min_score: float,
+                     others: Sequence[NDArray[np.floating[Any]]] = ()) -> int:
     """Write each candidate with ``score ≥ min_score`` into ``probability_zyx`` (source grid, in place)
     as a ball of its radius holding its score (the larger value where one is already there).
+
+    ``others`` are the other labels' channels on the same grid: inside the ball each is lowered to at
+    most ``1 - score`` (in place), as the network's softmax would have it. Without that the lung
+    around a nodule, at probability 0.999 and more, outbids a candidate accepted at 0.98 when the
+    label map is drawn (`pipeline.postprocess.plan_label_map`), and the candidate is lost.
     Returns how many were painted."""
     painted = 0
     for candidate, score in zip(candidates, scores, strict=True):
@@ -274,5 +280,8 @@ def paint_candidates(probability_zyx: NDArray[np.floating[Any]], volume: Volume,
         box, ball = region
         local = probability_zyx[box]
         np.maximum(local, np.where(ball, np.float32(score), np.float32(0.0)), out=local)
+        for other in others:
+            rest = other[box]
+            np.minimum(rest, np.where(ball, np.float32(1.0 - score), np.float32(np.inf)), out=rest)
         painted += 1
     return painted

@@ -316,8 +316,9 @@ def analyze_volume(volume: Volume, model: ModelSpec, handle: Any) -> VolumeAnaly
     second = 0.0  # the candidate stage's classification counts as inference, not postprocessing
     if stage is not None and classifier is not None and stage.label in probabilities:
         t_second = time.perf_counter()
+        others = [p for value, p in probabilities.items() if value != stage.label]
         scored = second_look(volume, probabilities[stage.label], found, stage, model.label(stage.label),
-                             classifier, getattr(handle, "device", "cpu"))
+                             classifier, getattr(handle, "device", "cpu"), others)
         second = time.perf_counter() - t_second
     fractional = str(getattr(model.segmentation.type, "value", model.segmentation.type)).upper() == "FRACTIONAL"
     result = postprocess(
@@ -344,16 +345,17 @@ def find_candidates(preprocessed: Volume, probabilities_czyx: np.ndarray, stage:
 
 
 def second_look(volume: Volume, probability_zyx: np.ndarray, candidates: Sequence[Candidate],
-                stage: CandidateStageSpec, label: Any, classifier: Any, device: Any
-                ) -> tuple[tuple[Candidate, float], ...]:
+                stage: CandidateStageSpec, label: Any, classifier: Any, device: Any,
+                others: Sequence[np.ndarray] = ()) -> tuple[tuple[Candidate, float], ...]:
     """Classify ``candidates`` on cubes of the source image and paint those that reach the label's
-    peak threshold (its threshold when it has none) into ``probability_zyx`` (in place)."""
+    peak threshold (its threshold when it has none) into ``probability_zyx`` (in place), lowering the
+    other labels' channels ``others`` there (see `paint_candidates`)."""
     started = time.perf_counter()
     patches = window(sample_patches(volume, [c.center_lps_mm for c in candidates], size=stage.patch_size,
                                     spacing_mm=stage.patch_spacing_mm), *stage.window_hu)
     scores = score_candidates(classifier, patches, device, bias=stage.score_bias)
     accept = max(float(label.threshold), float(label.peak_threshold))
-    painted = paint_candidates(probability_zyx, volume, candidates, scores, min_score=accept)
+    painted = paint_candidates(probability_zyx, volume, candidates, scores, min_score=accept, others=others)
     log.info("event=candidates label=%s candidates=%d accepted=%d seconds=%.2f", label.name, len(candidates),
              painted, time.perf_counter() - started)
     return tuple((c, float(v)) for c, v in zip(candidates, scores, strict=True))

@@ -19,7 +19,9 @@ from pipeline.candidates import (
     symmetric_eigenvalues,
     window,
 )
+from pipeline.postprocess import plan_label_map
 from pipeline.types import Volume
+from tests.pipeline.synthetic_chest import LUNG_LABEL, NODULE_LABEL
 
 
 def _affine(spacing_zyx: tuple[float, float, float], origin: tuple[float, float, float] = (-40.0, 25.0, 7.0)
@@ -135,6 +137,25 @@ def test_accepted_candidates_are_painted_as_balls_of_their_radius() -> None:
     assert abs(volume_mm3 - 4.0 / 3.0 * math.pi * 6.0 ** 3) / (4.0 / 3.0 * math.pi * 6.0 ** 3) < 0.1
     assert probability[15, 40, 40] == np.float32(0.98) and probability[5, 10, 10] == 0.0
     assert probability[0, 0, 0] == np.float32(0.99)
+
+
+def test_an_accepted_candidate_outbids_the_lung_around_it_in_the_label_map() -> None:
+    """The network gives the lung around a missed nodule 0.999 and more; a candidate accepted at 0.98
+    must still become nodule voxels, not vanish under the lung label."""
+    spacing = (2.0, 0.5, 0.5)
+    volume = Volume(np.zeros((30, 80, 80), dtype=np.float32), _affine(spacing))
+    lung = np.full(volume.shape_zyx, 0.9995, dtype=np.float32)
+    nodule = np.full(volume.shape_zyx, 0.0005, dtype=np.float32)
+    centre = volume.index_to_lps(np.asarray([[15.0, 40.0, 40.0]]))[0]
+    candidate = Candidate(tuple(centre), 4.0 / math.sqrt(3.0), 1.0)
+    labels = [LUNG_LABEL, NODULE_LABEL]
+    assert paint_candidates(nodule, volume, [candidate], [0.98], min_score=0.97, others=[lung]) == 1
+    label_map = plan_label_map({1: lung, 2: nodule}, labels)
+    assert label_map[15, 40, 40] == 2
+    assert abs(float(lung[15, 40, 40]) - 0.02) < 1e-6
+    ball_mm3 = (label_map == 2).sum() * 2.0 * 0.5 * 0.5
+    assert abs(ball_mm3 - 4.0 / 3.0 * math.pi * 4.0 ** 3) / (4.0 / 3.0 * math.pi * 4.0 ** 3) < 0.15
+    assert label_map[15, 40, 60] == 1 and lung[15, 40, 60] == np.float32(0.9995)  # outside the ball
 
 
 def _at(image: Volume, candidates: list[Candidate], centre: np.ndarray, tolerance: int = 2) -> list[Candidate]:
