@@ -472,6 +472,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        calibration_cases=args.calibration_cases,
                        max_added_false_positives=args.max_added_false_positives, workers=args.workers)
     summary: dict[str, Any] = {}
+    previous = args.bundle / "candidates_summary.json"
+    if args.calibrate_only and previous.is_file():
+        # keep the record of how the installed weights were trained
+        summary["training"] = json.loads(previous.read_text()).get("training")
     if not args.calibrate_only:
         trained = train_classifier(args.bundle, args.work_dir, settings)
         install_candidate_weights(args.bundle, trained.pop("state_dict"), 0.0)
