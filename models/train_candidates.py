@@ -20,7 +20,8 @@ The recipe:
    phantoms: among the candidates whose ball would overlap no true nodule (`nodule_under_ball`), the
    classifier's score that at most ``--max-added-false-positives`` per scan reach. The manifest's ``score_bias`` shifts
    the logit so that this score becomes the nodule label's peak threshold: one operating point for both
-   stages.
+   stages. When the bias changed, the analysis runs once more with it, so that what the summary
+   records per phantom (nodules found, false positives) is what the chosen operating point gives.
 
 The weights, their sha256 and the bias go into ``model.toml``; a summary into
 ``candidates_summary.json``. Seeds are fixed; like `models.train`, an offline tool that uses `pipeline`.
@@ -438,8 +439,12 @@ def calibrate(bundle_dir: Path, settings: CandidateSettings) -> dict[str, Any]:
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(1, settings.workers)) as pool:
         cases = list(pool.map(calibration_case, seeds, [bundle_dir] * len(seeds)))
-    choice = choose_bias(cases, settings.max_added_false_positives, accept)
-    set_candidate_fields(bundle_dir, score_bias=choice["score_bias"])
+        choice = choose_bias(cases, settings.max_added_false_positives, accept)
+        set_candidate_fields(bundle_dir, score_bias=choice["score_bias"])
+        if abs(choice["score_bias"] - stage.score_bias) > 1e-4:
+            # The logits do not depend on the bias, but what the analysis found and painted does: run it
+            # again so that the cases' figures below are those of the chosen operating point.
+            cases = list(pool.map(calibration_case, seeds, [bundle_dir] * len(seeds)))
     choice["minutes"] = round((time.perf_counter() - started) / 60.0, 1)
     choice["cases"] = [{"seed": c["seed"], "candidates": len(c["logits"]), "nodules_mm": c["nodules"],
                         "found": c["found"], "false_positives": c["false_positives"]} for c in cases]
