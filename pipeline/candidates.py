@@ -263,7 +263,8 @@ def paint_candidates(probability_zyx: NDArray[np.floating[Any]], volume: Volume,
                      candidates: Sequence[Candidate], scores: Sequence[float], *, min_score: float,
                      others: Sequence[NDArray[np.floating[Any]]] = ()) -> int:
     """Write each candidate with ``score ≥ min_score`` into ``probability_zyx`` (source grid, in place)
-    as a ball of its radius holding its score (the larger value where one is already there).
+    as a ball of its radius holding its score (the larger value where one is already there), unless
+    the ball already holds a probability of ``min_score``: that component is reported as it is.
 
     ``others`` are the other labels' channels on the same grid: inside the ball each is lowered to at
     most ``1 - score`` (in place), as the network's softmax would have it. Without that the lung
@@ -279,6 +280,8 @@ def paint_candidates(probability_zyx: NDArray[np.floating[Any]], volume: Volume,
             continue
         box, ball = region
         local = probability_zyx[box]
+        if float(local[ball].max(initial=0.0)) >= min_score:
+            continue  # a component reported already (the network's, or an earlier candidate's) holds it
         np.maximum(local, np.where(ball, np.float32(score), np.float32(0.0)), out=local)
         for other in others:
             rest = other[box]

@@ -158,6 +158,27 @@ def test_an_accepted_candidate_outbids_the_lung_around_it_in_the_label_map() -> 
     assert label_map[15, 40, 60] == 1 and lung[15, 40, 60] == np.float32(0.9995)  # outside the ball
 
 
+def test_a_candidate_on_a_component_reported_already_leaves_it_as_it_is() -> None:
+    """Where the ball already holds the acceptance probability (the network's own nodule, or an earlier
+    candidate's ball), painting would only swell that nodule into a ball: the candidate is passed over."""
+    spacing = (2.0, 0.5, 0.5)
+    volume = Volume(np.zeros((30, 80, 80), dtype=np.float32), _affine(spacing))
+    nodule = np.zeros(volume.shape_zyx, dtype=np.float32)
+    nodule[15, 40, 40] = 0.99  # the network's nodule: one confident voxel in the ball
+    lung = 1.0 - nodule
+    before = (nodule.copy(), lung.copy())
+    centre = volume.index_to_lps(np.asarray([[15.0, 41.0, 40.0]]))[0]
+    on_it = Candidate(tuple(centre), 4.0 / math.sqrt(3.0), 1.0)
+    assert paint_candidates(nodule, volume, [on_it], [0.995], min_score=0.97, others=[lung]) == 0
+    np.testing.assert_array_equal(nodule, before[0])
+    np.testing.assert_array_equal(lung, before[1])
+    nodule[15, 40, 40] = 0.9  # a component under the peak threshold gets the ball
+    assert paint_candidates(nodule, volume, [on_it], [0.995], min_score=0.97, others=[lung]) == 1
+    assert nodule[15, 40, 40] == np.float32(0.995)
+    twice = [on_it, Candidate(tuple(centre), 3.0 / math.sqrt(3.0), 1.0)]
+    assert paint_candidates(np.zeros_like(nodule), volume, twice, [0.98, 0.99], min_score=0.97) == 1
+
+
 def _at(image: Volume, candidates: list[Candidate], centre: np.ndarray, tolerance: int = 2) -> list[Candidate]:
     """The candidates within ``tolerance`` voxels of ``centre``."""
     return [c for c in candidates
