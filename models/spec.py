@@ -68,7 +68,8 @@ MANIFEST_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "outputs": (frozenset(), frozenset({"seg_series_description", "sr_series_description"})),
     "candidates": (frozenset({"label", "architecture", "weights", "patch_size", "patch_spacing_mm"}),
                    frozenset({"scales_mm", "min_level", "min_response", "max_candidates", "window_hu",
-                              "score_bias", "skip_probability", "max_level", "fill_outside_lungs"})),
+                              "score_bias", "skip_probability", "max_level", "fill_outside_lungs",
+                              "axial_turns"})),
     "code": (frozenset({"value", "scheme", "meaning"}), frozenset()),
 }
 
@@ -297,7 +298,8 @@ class CandidateStageSpec:
     windowed to ``window_hu`` → the classifier (``architecture``, ``weights``) →
     ``sigmoid(logit + score_bias)`` → a ball in ``label``'s probability channel on the source grid.
     Before filtering, the input may be clipped to ``max_level`` and filled with the lungs' median
-    outside them (``fill_outside_lungs``).
+    outside them (``fill_outside_lungs``). The classifier may see each cube in ``axial_turns`` (1, 2 or
+    4) turns in the axial plane, its logits averaged.
     """
 
     label: int
@@ -314,6 +316,7 @@ class CandidateStageSpec:
     skip_probability: float = 0.5
     max_level: float | None = None
     fill_outside_lungs: bool = False
+    axial_turns: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,6 +538,9 @@ def _parse_candidates(p: _Parser, raw: Any, labels: tuple[LabelSpec, ...]) -> Ca
     if skip > 1.0:
         p.fail("candidates.skip_probability", "must be in (0, 1]")
     min_level = p.number(t, "min_level", prefix="candidates", default=0.12)
+    turns = p.integer(t, "axial_turns", prefix="candidates", default=1, minimum=1, maximum=4)
+    if turns not in (1, 2, 4):
+        p.fail("candidates.axial_turns", f"is {turns}, which must be 1, 2 or 4")
     max_level = p.number(t, "max_level", prefix="candidates", default=None)
     if max_level is not None and not max_level > min_level:
         p.fail("candidates.max_level", f"is {max_level}, which must be above min_level ({min_level})")
@@ -554,6 +560,7 @@ def _parse_candidates(p: _Parser, raw: Any, labels: tuple[LabelSpec, ...]) -> Ca
         skip_probability=skip,
         max_level=max_level,
         fill_outside_lungs=p.boolean(t, "fill_outside_lungs", prefix="candidates", default=False),
+        axial_turns=turns,
     )
 
 

@@ -225,19 +225,27 @@ def window(patches_hu: NDArray[np.float32], low: float, high: float) -> NDArray[
 
 @torch.no_grad()
 def score_candidates(module: Any, patches: NDArray[np.float32], device: torch.device | str = "cpu", *,
-                     bias: float = 0.0, batch_size: int = 64) -> NDArray[np.float64]:
+                     bias: float = 0.0, batch_size: int = 64, axial_turns: int = 1) -> NDArray[np.float64]:
     """The classifier's nodule probability for each windowed patch: ``sigmoid(logit + bias)``.
 
     ``bias`` is the calibration shift the training chose (`models.train_candidates`), so that the
-    nodule label's peak threshold is the stage's operating point.
+    nodule label's peak threshold is the stage's operating point. With ``axial_turns`` 2 or 4 the
+    classifier also sees each cube turned by a half or by each quarter turn in the axial plane (as in
+    its training) and the logits are averaged: test-time augmentation.
     """
+    if axial_turns not in (1, 2, 4):
+        raise ValueError(f"axial_turns must be 1, 2 or 4, got {axial_turns}")
     if len(patches) == 0:
         return np.zeros(0, dtype=np.float64)
-    logits = []
-    for start in range(0, len(patches), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(patches[start:start + batch_size])[:, None]).to(device)
-        logits.append(module(x).reshape(-1).float().cpu().numpy())
-    z = np.concatenate(logits).astype(np.float64) + bias
+    z = np.zeros(len(patches), dtype=np.float64)
+    for turn in range(0, 4, 4 // axial_turns):
+        logits = []
+        for start in range(0, len(patches), batch_size):
+            cubes = np.rot90(patches[start:start + batch_size], turn, axes=(2, 3))
+            x = torch.from_numpy(np.ascontiguousarray(cubes)[:, None]).to(device)
+            logits.append(module(x).reshape(-1).float().cpu().numpy())
+        z += np.concatenate(logits).astype(np.float64)
+    z = z / axial_turns + bias
     return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
 
 

@@ -353,7 +353,7 @@ def second_look(volume: Volume, probability_zyx: np.ndarray, candidates: Sequenc
     started = time.perf_counter()
     patches = window(sample_patches(volume, [c.center_lps_mm for c in candidates], size=stage.patch_size,
                                     spacing_mm=stage.patch_spacing_mm), *stage.window_hu)
-    scores = score_candidates(classifier, patches, device, bias=stage.score_bias)
+    scores = score_candidates(classifier, patches, device, bias=stage.score_bias, axial_turns=stage.axial_turns)
     accept = max(float(label.threshold), float(label.peak_threshold))
     painted = paint_candidates(probability_zyx, volume, candidates, scores, min_score=accept, others=others)
     log.info("event=candidates label=%s candidates=%d accepted=%d seconds=%.2f", label.name, len(candidates),

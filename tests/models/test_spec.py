@@ -312,12 +312,13 @@ def test_the_candidate_stage_is_read_with_its_defaults(manifest: dict[str, Any],
     assert stage.scales_mm == (2.0, 3.0, 4.0, 6.0) and stage.window_hu == (-1000.0, 400.0)
     assert (stage.min_level, stage.min_response, stage.max_candidates, stage.score_bias, stage.skip_probability) \
         == (0.12, 0.005, 120, 0.0, 0.5)
-    assert stage.max_level is None and stage.fill_outside_lungs is False
+    assert stage.max_level is None and stage.fill_outside_lungs is False and stage.axial_turns == 1
     manifest["candidates"].update(scales_mm=[3, 5], score_bias=-2.5, max_candidates=7, max_level=0.5,
-                                  fill_outside_lungs=True)
+                                  fill_outside_lungs=True, axial_turns=4)
     stage = parse(manifest, bundle).candidates
     assert stage is not None and stage.scales_mm == (3.0, 5.0) and stage.score_bias == -2.5
     assert stage.max_candidates == 7 and stage.max_level == 0.5 and stage.fill_outside_lungs is True
+    assert stage.axial_turns == 4
 
 
 @pytest.mark.parametrize(
@@ -336,6 +337,8 @@ def test_the_candidate_stage_is_read_with_its_defaults(manifest: dict[str, Any],
         ({"max_candidates": -1}, "candidates.max_candidates"),
         ({"max_level": 0.1}, "candidates.max_level"),
         ({"fill_outside_lungs": "yes"}, "candidates.fill_outside_lungs"),
+        ({"axial_turns": 3}, "candidates.axial_turns"),
+        ({"axial_turns": 8}, "candidates.axial_turns"),
         ({"threshold": 0.5}, "unknown key candidates.threshold"),
     ],
 )

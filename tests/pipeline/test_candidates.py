@@ -121,6 +121,27 @@ def test_scores_are_the_classifiers_probabilities_shifted_by_the_bias() -> None:
     assert score_candidates(Mean(), patches[:0]).shape == (0,)
 
 
+def test_axial_turns_average_the_logits_of_the_cube_turned_in_the_axial_plane() -> None:
+    class Corner(torch.nn.Module):
+        """A classifier that looks at one voxel off the axis of the axial turns: each turn sees another."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, 0, 1, 0, 0].reshape(-1, 1)
+
+    cube = np.zeros((1, 3, 2, 2), dtype=np.float32)
+    cube[0, 1] = [[1.0, 2.0], [4.0, 8.0]]  # the four corners of the middle slice
+    one = score_candidates(Corner(), cube)
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    np.testing.assert_allclose(logit(one), [1.0])
+    np.testing.assert_allclose(logit(score_candidates(Corner(), cube, axial_turns=4)), [(1 + 2 + 4 + 8) / 4])
+    np.testing.assert_allclose(logit(score_candidates(Corner(), cube, axial_turns=2)), [(1 + 8) / 2])
+    # the other axes are never turned: only the middle slice's corners are ever seen
+    cube[0, 0] = cube[0, 2] = 100.0
+    np.testing.assert_allclose(logit(score_candidates(Corner(), cube, axial_turns=4)), [(1 + 2 + 4 + 8) / 4])
+    with pytest.raises(ValueError, match="axial_turns"):
+        score_candidates(Corner(), cube, axial_turns=3)
+
+
 def test_accepted_candidates_are_painted_as_balls_of_their_radius() -> None:
     spacing = (2.0, 0.5, 0.5)
     volume = Volume(np.zeros((30, 80, 80), dtype=np.float32), _affine(spacing))
