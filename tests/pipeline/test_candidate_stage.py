@@ -122,17 +122,3 @@ def test_the_bias_lets_through_the_allowed_false_positives_and_reports_what_it_f
     assert everything["added_false_positives_per_scan"] == 2.0
     assert everything["candidates_in_nodules_accepted"] == {"<6mm": 1, "6-10mm": 1, ">10mm": 1}
 
-
-def test_training_validates_with_the_axial_turns_the_node_scores_with() -> None:
-    """The epoch the training keeps is chosen on the logits the node will compute."""
-    from models.train_candidates import predict_logits
-    from pipeline.candidates import score_candidates
-
-    torch.manual_seed(3)
-    network = PatchClassifier3D(width=4, levels=2).eval()
-    inputs = np.random.default_rng(5).random((6, 1, 8, 8, 8), dtype=np.float32)
-    for turns in (1, 2, 4):
-        probability = score_candidates(network, inputs[:, 0], axial_turns=turns)
-        np.testing.assert_allclose(predict_logits(network, inputs, axial_turns=turns),
-                                   np.log(probability / (1 - probability)), rtol=1e-4, atol=1e-5)
-    assert not np.allclose(predict_logits(network, inputs, axial_turns=4), predict_logits(network, inputs))
