@@ -11,8 +11,9 @@ same run:
   nodules.
 
 Metrics on the source grid: lung Dice, nodule Dice (scans with nodules), per-nodule sensitivity by
-size (< 6, 6–10, > 10 mm and ≥ 6 mm), false positives per scan, study-level ROC AUC. The table is
-printed, written as JSON, and (with ``--write-card``) into the model card between the
+size (< 6, 6–10, > 10 mm and ≥ 6 mm), false positives per scan, study-level ROC AUC; then split
+at the bundle's thickest accepted slice (``[series] max_slice_thickness_mm``: the series the node
+analyses, and the thicker ones it refuses). The tables are printed, written as JSON, and (with ``--write-card``) into the model card between the
 ``<!-- metrics:begin -->`` and ``<!-- metrics:end -->`` markers. This is an offline tool that uses
 `pipeline` like `models.train`.
 """
@@ -82,8 +83,9 @@ def perturb(hu: np.ndarray, name: str, spacing_zyx_mm: Sequence[float], seed: in
     raise ValueError(f"unknown perturbation {name!r}; known: {', '.join(PERTURBATIONS)}")
 
 
-def evaluate_case(seed: int, bundle: Path, perturbation: str | None = None) -> dict[str, CaseScore]:
-    """Generate the held-out phantom of ``seed`` (optionally perturbed) and score the CNN and the baseline."""
+def evaluate_case(seed: int, bundle: Path, perturbation: str | None = None) -> dict[str, Any]:
+    """Generate the held-out phantom of ``seed`` (optionally perturbed) and score the CNN and the baseline
+    (``"cnn"``, ``"baseline"``: `CaseScore`; ``"slice_thickness_mm"``: the phantom's)."""
     from models.loader import load_model, resolve_device
     from models.phantoms import generate_phantom
     from models.spec import load_spec
@@ -124,7 +126,7 @@ def evaluate_case(seed: int, bundle: Path, perturbation: str | None = None) -> d
         study_score=base.study_score,
         has_nodule=has_nodule,
     )
-    return {"cnn": cnn, "baseline": baseline}
+    return {"cnn": cnn, "baseline": baseline, "slice_thickness_mm": float(phantom.slice_thickness_mm)}
 
 
 def summarize(scores: Sequence[CaseScore]) -> dict[str, Any]:
@@ -179,6 +181,12 @@ def write_card(card: Path, report: dict[str, Any]) -> None:
         block += (f" Operating point (`model.toml`): nodule probability ≥ {point['threshold']:g}, components "
                   f"peaking at ≥ {point['peak_threshold']:g} and of at least {point['min_size_mm3']:g} mm³.")
     block += f"\n\n{format_table(report)}\n"
+    if "by_slice_thickness" in report:
+        split = report["by_slice_thickness"]
+        block += (f"\nThe same run by slice thickness (CNN / baseline): the node analyses series of at most "
+                  f"{split['limit_mm']:g} mm (`[series] max_slice_thickness_mm`); the thicker phantoms (few "
+                  f"slices over the chest) stay in the held-out set as a test of robustness.\n\n"
+                  f"{format_thickness_table(split)}\n")
     if "stress" in report:
         stress = report["stress"]
         block += (f"\nRobustness: {stress['cases']} further held-out phantoms (seeds {stress['seeds'][0]}–"
@@ -208,7 +216,44 @@ def evaluate(bundle: Path, cases: int, workers: int) -> dict[str, Any]:
         "device": f"CPU, {workers} worker process(es)",
         "operating_point": operating_point(bundle),
     }
+    from models.spec import load_spec
+
+    limit = load_spec(bundle).series.max_slice_thickness_mm
+    if limit is not None:
+        report["by_slice_thickness"] = by_slice_thickness(results, float(limit))
     return report
+
+
+def by_slice_thickness(results: Sequence[dict[str, Any]], limit_mm: float) -> dict[str, Any]:
+    """The figures split at the bundle's thickest accepted slice: the series the node analyses
+    (``accepted``: slices ≤ ``limit_mm``) and the thicker ones it refuses (``thicker``), which the
+    held-out set keeps as a test of robustness."""
+    out: dict[str, Any] = {"limit_mm": limit_mm}
+    for key, keep in (("accepted", lambda t: t <= limit_mm), ("thicker", lambda t: t > limit_mm)):
+        chosen = [r for r in results if keep(r["slice_thickness_mm"])]
+        out[key] = {"cases": len(chosen), "cnn": summarize([r["cnn"] for r in chosen]) if chosen else None,
+                    "baseline": summarize([r["baseline"] for r in chosen]) if chosen else None}
+    return out
+
+
+def format_thickness_table(split: dict[str, Any]) -> str:
+    """A Markdown table of `by_slice_thickness`: one row per group, CNN / baseline per metric."""
+    lines = ["| Slices | Scans | Nodule Dice | Sensitivity 6–10 mm | Sensitivity ≥ 6 mm | FP per scan |",
+             "|---|---|---|---|---|---|"]
+    limit = f"{split['limit_mm']:g}"
+    for key, name in (("accepted", f"≤ {limit} mm (analysed by the node)"),
+                      ("thicker", f"> {limit} mm (refused by the node's series criteria)")):
+        group = split[key]
+        c, b = group["cnn"], group["baseline"]
+        if c is None:
+            lines.append(f"| {name} | 0 | | | | |")
+            continue
+        sens = [f"{_fmt(c['sensitivity'][k]['value'])} / {_fmt(b['sensitivity'][k]['value'])} "
+                f"(n={c['sensitivity'][k]['nodules']})" for k in ("6-10mm", ">=6mm")]
+        lines.append(f"| {name} | {group['cases']} | {_fmt(c['nodule_dice'])} / {_fmt(b['nodule_dice'])} | "
+                     f"{sens[0]} | {sens[1]} | "
+                     f"{_fmt(c['false_positives_per_scan'])} / {_fmt(b['false_positives_per_scan'])} |")
+    return "\n".join(lines)
 
 
 def operating_point(bundle: Path) -> dict[str, float] | None:
@@ -269,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stress_cases > 0:
         report["stress"] = evaluate_stress(args.bundle, args.stress_cases, args.workers)
     print(format_table(report))
+    if "by_slice_thickness" in report:
+        print()
+        print(format_thickness_table(report["by_slice_thickness"]))
     if "stress" in report:
         print()
         print(format_stress_table(report["stress"]))

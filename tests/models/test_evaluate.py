@@ -11,8 +11,10 @@ from models.evaluate import (
     CARD_BEGIN,
     CARD_END,
     CaseScore,
+    by_slice_thickness,
     format_stress_table,
     format_table,
+    format_thickness_table,
     perturb,
     summarize,
     write_card,
@@ -57,6 +59,30 @@ def test_card_section_between_the_markers_is_replaced_and_the_rest_kept(tmp_path
     assert "| Lung Dice | ≥ 0.95 | 0.970 | 0.910 |" in text
     assert "| low_dose: noise | 0.970 / 0.910 |" in text
     assert "nodule probability ≥ 0.4, components peaking at ≥ 0.8 and of at least 14 mm³" in text
+
+
+def test_figures_are_split_at_the_thickest_slice_the_node_accepts(tmp_path: Path) -> None:
+    thin = {"cnn": _score(0.96, 0.8, (True, True), (12.0, 7.0), 0, 0.9, True),
+            "baseline": _score(0.90, 0.5, (False, False), (12.0, 7.0), 3, 0.4, True), "slice_thickness_mm": 5.0}
+    thick = {"cnn": _score(0.95, 0.4, (False,), (8.0,), 2, 0.3, True),
+             "baseline": _score(0.90, 0.1, (False,), (8.0,), 5, 0.4, True), "slice_thickness_mm": 7.5}
+    split = by_slice_thickness([thin, thick, dict(thin, slice_thickness_mm=1.25)], 5.0)
+    assert split["accepted"]["cases"] == 2 and split["thicker"]["cases"] == 1
+    assert split["accepted"]["cnn"]["sensitivity"][">=6mm"] == {"value": 1.0, "nodules": 4}
+    assert split["thicker"]["cnn"]["sensitivity"][">=6mm"] == {"value": 0.0, "nodules": 1}
+    assert split["thicker"]["cnn"]["false_positives_per_scan"] == 2.0
+    table = format_thickness_table(split)
+    assert "| ≤ 5 mm (analysed by the node) | 2 | 0.800 / 0.500 | 1.000 / 0.000 (n=2) | 1.000 / 0.000 (n=4) | 0.000 / 3.000 |" in table
+    assert "| > 5 mm (refused by the node's series criteria) | 1 | 0.400 / 0.100 |" in table
+    card = tmp_path / "README.md"
+    card.write_text(f"{CARD_BEGIN}\n{CARD_END}\n", encoding="utf-8")
+    report = _report()
+    report["by_slice_thickness"] = split
+    write_card(card, report)
+    assert table in card.read_text(encoding="utf-8")
+    empty = by_slice_thickness([thin], 5.0)
+    assert empty["thicker"] == {"cases": 0, "cnn": None, "baseline": None}
+    assert "| > 5 mm (refused by the node's series criteria) | 0 |" in format_thickness_table(empty)
 
 
 def test_card_without_markers_is_an_error(tmp_path: Path) -> None:
