@@ -13,8 +13,9 @@ same run:
 Metrics on the source grid: lung Dice, nodule Dice (scans with nodules), per-nodule sensitivity by
 size (< 6, 6–10, > 10 mm and ≥ 6 mm), false positives per scan, study-level ROC AUC; then split
 at the bundle's thickest accepted slice (``[series] max_slice_thickness_mm``: the series the node
-analyses, and the thicker ones it refuses). The tables are printed, written as JSON, and (with ``--write-card``) into the model card between the
-``<!-- metrics:begin -->`` and ``<!-- metrics:end -->`` markers. This is an offline tool that uses
+analyses, and the thicker ones it refuses). The tables are printed, written as JSON, and (with
+``--write-card``) into the model card between the ``<!-- metrics:begin -->`` and
+``<!-- metrics:end -->`` markers. This is an offline tool that uses
 `pipeline` like `models.train`.
 """
 
@@ -197,6 +198,8 @@ def write_card(card: Path, report: dict[str, Any]) -> None:
 
 def evaluate(bundle: Path, cases: int, workers: int) -> dict[str, Any]:
     """Evaluate ``cases`` held-out phantoms with ``workers`` processes; return the report."""
+    from models.spec import load_spec
+
     seeds = [EVALUATION_SEED_BASE + i for i in range(cases)]
     started = time.perf_counter()
     results: list[dict[str, CaseScore]] = []
@@ -216,8 +219,6 @@ def evaluate(bundle: Path, cases: int, workers: int) -> dict[str, Any]:
         "device": f"CPU, {workers} worker process(es)",
         "operating_point": operating_point(bundle),
     }
-    from models.spec import load_spec
-
     limit = load_spec(bundle).series.max_slice_thickness_mm
     if limit is not None:
         report["by_slice_thickness"] = by_slice_thickness(results, float(limit))

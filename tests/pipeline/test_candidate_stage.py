@@ -121,4 +121,3 @@ def test_the_bias_lets_through_the_allowed_false_positives_and_reports_what_it_f
     everything = choose_bias(cases, 10.0, 0.97)
     assert everything["added_false_positives_per_scan"] == 2.0
     assert everything["candidates_in_nodules_accepted"] == {"<6mm": 1, "6-10mm": 1, ">10mm": 1}
-
