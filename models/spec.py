@@ -143,9 +143,10 @@ class LabelSpec:
     ones; 0 = no limit), ``is_finding`` marks labels measured as findings in the SR (TID 1411),
     ``finding_site`` the anatomic site reported with them. ``edge_refinement`` (`EDGE_REFINEMENTS`)
     redraws each kept component's edge on the source image: ``"half_max"`` takes the voxels within
-    ``edge_margin_mm`` of it, connected to its confident core, whose value is at least halfway from
-    the surroundings to the component's median and whose probability is at least
-    ``edge_min_probability`` (`pipeline.postprocess.refine_edge`).
+    ``edge_margin_mm`` of it, connected to its confident core (where that reaches the level), whose
+    value is at least halfway from the surroundings to the median of the component's voxels standing
+    out from them and whose probability is at least ``edge_min_probability``
+    (`pipeline.postprocess.refine_edge`).
     """
 
     value: int

@@ -357,33 +357,59 @@ def refine_edge(
     held-out set, the default model's nodules had 0.88 of their true volume, and redrawing them this
     way raised nodule Dice from 0.822 to 0.860 and from 0.685 to 0.726 on two halves of 30.
 
-    The new mask is the connected part, containing ``core``, of ``core`` plus the voxels within
+    The surroundings are the lower quartile of ``image`` over the shell from `EDGE_SHELL_GAP_MM` to
+    ``margin_mm`` outside the component (the parenchyma rather than the vessels and walls it
+    touches); the inside is the median over the component's voxels that stand at least
+    `EDGE_MIN_CONTRAST` above the surroundings (the object, not the parenchyma a generous component
+    also holds: a candidate's ball, or a network's edge drawn wide). The network's confident voxels
+    (``core``) are kept only where they reach the level, and of those only the piece nearest the
+    component's centre: a confident region drawn wider than the nodule, or a candidate's ball around
+    a small one, shrinks to the nodule instead of keeping the parenchyma and the vessel ends it holds.
+    The new mask is the connected part, containing that core, of the core plus the voxels within
     ``margin_mm`` of ``component`` whose value reaches the level and whose probability reaches
     ``min_probability`` (so the edge cannot run along a vessel or the pleura beyond the margin, nor
-    where the network sees nothing). Inside is the median of ``image`` over ``component``; the
-    surroundings the lower quartile over the shell from `EDGE_SHELL_GAP_MM` to ``margin_mm`` outside
-    it (the parenchyma rather than the vessels and walls it touches).
+    where the network sees nothing). On the 100 development phantoms (seeds 50000-50099, 75 with
+    nodules) these two steps raised nodule Dice from 0.807 to 0.828 (0.805 to 0.825 and 0.809 to 0.830
+    on their two halves), with the same detections and 0.65 against 0.66 false positives per scan.
 
     All arrays cover the same box, which should extend ``margin_mm`` beyond the component. Returns
     None (keep the component as it is) when ``core`` is empty, the shell is too small to sample, or
-    the inside stands less than `EDGE_MIN_CONTRAST` above the surroundings.
+    no voxel of the component stands `EDGE_MIN_CONTRAST` above the surroundings.
     """
     if not core.any():
         return None
-    distance = ndimage.distance_transform_edt(~component, sampling=tuple(float(s) for s in spacing_zyx_mm))
+    spacing = tuple(float(s) for s in spacing_zyx_mm)
+    distance = ndimage.distance_transform_edt(~component, sampling=spacing)
     near = distance <= margin_mm
     shell = near & (distance > EDGE_SHELL_GAP_MM)
     if int(shell.sum()) < 10:
         return None
-    inside = float(np.median(image[component]))
     outside = float(np.percentile(image[shell], 25))
-    if inside - outside < EDGE_MIN_CONTRAST:
+    standing = component & (image >= outside + EDGE_MIN_CONTRAST)
+    if not standing.any():
         return None
+    inside = float(np.median(image[standing]))
     level = 0.5 * (inside + outside)
+    bright_core = core & (image >= level)
+    if bright_core.any():
+        core = _piece_nearest(bright_core, np.argwhere(component).mean(axis=0), spacing)
     candidate = (near & (image >= level) & (probability >= min_probability)) | core
     parts, _ = ndimage.label(candidate, structure=CONNECTIVITY_26)
     keep = np.unique(parts[core])
     return np.isin(parts, keep[keep > 0])
+
+
+def _piece_nearest(mask: NDArray[np.bool_], point_zyx: NDArray[np.float64],
+                   spacing_zyx_mm: Sequence[float]) -> NDArray[np.bool_]:
+    """The 26-connected piece of ``mask`` with a voxel nearest ``point_zyx`` (voxel indices; distances
+    in mm); ``mask`` itself when it is one piece."""
+    pieces, count = ndimage.label(mask, structure=CONNECTIVITY_26)
+    if count <= 1:
+        return mask
+    points = np.argwhere(pieces > 0)
+    d2 = (((points - point_zyx) * np.asarray(spacing_zyx_mm, dtype=np.float64)) ** 2).sum(axis=1)
+    k, j, i = points[int(np.argmin(d2))]
+    return pieces == pieces[k, j, i]
 
 
 def _refine_component(

@@ -345,3 +345,30 @@ def test_half_max_refinement_never_takes_another_nodules_voxels() -> None:
     assert len(result.findings) == 2
     assert sum(f.voxel_count for f in result.findings) == int(after.sum())
     assert _dice(after, truth) > 0.85
+
+
+def test_half_max_refinement_shrinks_a_confident_region_drawn_wider_than_the_nodule() -> None:
+    # A 5 mm-radius nodule with two vessels ending inside a region the network (or a candidate's ball)
+    # calls nodule with confidence out to 8 mm: the nodule is what stays, not the lung or the vessels.
+    shape = (30, 50, 50)
+    distance = _distance_mm(shape, (15, 25, 25))
+    occupancy = _occupancy(shape, (15, 25, 25), 5.0)
+    vessels = np.zeros(shape, dtype=bool)
+    vessels[14:17, 24:27, :12] = True  # along x, ending 6.4 mm from the centre (2.1 mm x 3 mm)
+    vessels[14:17, 38:, 24:27] = True  # along y, ending 9.1 mm from the centre
+    truth = occupancy >= 0.5
+    ct = _blurred_ct(np.maximum(occupancy, vessels), 30.0)
+    probabilities = np.zeros((3, *shape), dtype=np.float32)
+    probabilities[2] = np.where(distance <= 8.0, 0.99, 0.0)
+    probabilities[1] = np.where(distance <= 8.0, 0.005, 0.8)
+    probabilities[0] = 1.0 - probabilities[1] - probabilities[2]
+    plain = postprocess(probabilities, ct, [LUNG_LABEL, replace(_EDGE_LABEL, edge_refinement="none")])
+    refined = postprocess(probabilities, ct, [LUNG_LABEL, _EDGE_LABEL])
+    before = plain.label_map.array_zyx == 2
+    after = refined.label_map.array_zyx == 2
+    assert _dice(before, truth) < 0.5
+    assert _dice(after, truth) > 0.9
+    assert len(refined.findings) == 1  # the vessel ends inside the region are not reported as nodules
+    assert not after[vessels & (distance > 6.5)].any()
+    # What the nodule gives up goes back to the lung.
+    assert (refined.label_map.array_zyx[before & ~after] == 1).all()
