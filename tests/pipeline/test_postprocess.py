@@ -19,7 +19,7 @@ from pipeline.postprocess import (
     plan_label_map,
     postprocess,
 )
-from pipeline.types import Volume
+from pipeline.types import SegmentationResult, Volume
 from tests.pipeline.synthetic_chest import (
     LUNG_LABEL,
     NODULE_LABEL,
@@ -272,6 +272,16 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
+def _without_and_with_refinement(
+    probabilities: np.ndarray, ct: Volume,
+) -> tuple[SegmentationResult, SegmentationResult, np.ndarray, np.ndarray]:
+    """Postprocess with the network's edges and with the half-maximum edges: both results and their
+    nodule masks."""
+    plain = postprocess(probabilities, ct, [LUNG_LABEL, replace(_EDGE_LABEL, edge_refinement="none")])
+    refined = postprocess(probabilities, ct, [LUNG_LABEL, _EDGE_LABEL])
+    return plain, refined, plain.label_map.array_zyx == 2, refined.label_map.array_zyx == 2
+
+
 @pytest.mark.parametrize("drawn_radius_mm", [3.5, 6.0])
 def test_half_max_refinement_redraws_a_nodule_at_its_true_edge(drawn_radius_mm: float) -> None:
     shape = (30, 50, 50)
@@ -280,10 +290,7 @@ def test_half_max_refinement_redraws_a_nodule_at_its_true_edge(drawn_radius_mm: 
     truth = occupancy >= 0.5  # the voxels the nodule fills at least half of
     ct = _blurred_ct(occupancy, 30.0)
     probabilities = _network_guess(distance, drawn_radius_mm)
-    plain = postprocess(probabilities, ct, [LUNG_LABEL, replace(_EDGE_LABEL, edge_refinement="none")])
-    refined = postprocess(probabilities, ct, [LUNG_LABEL, _EDGE_LABEL])
-    before = plain.label_map.array_zyx == 2
-    after = refined.label_map.array_zyx == 2
+    plain, refined, before, after = _without_and_with_refinement(probabilities, ct)
     assert _dice(before, truth) < 0.8
     assert _dice(after, truth) > 0.9
     true_ml = float(truth.sum()) * math.prod(_EDGE_SPACING) / 1000.0
@@ -362,10 +369,7 @@ def test_half_max_refinement_shrinks_a_confident_region_drawn_wider_than_the_nod
     probabilities[2] = np.where(distance <= 8.0, 0.99, 0.0)
     probabilities[1] = np.where(distance <= 8.0, 0.005, 0.8)
     probabilities[0] = 1.0 - probabilities[1] - probabilities[2]
-    plain = postprocess(probabilities, ct, [LUNG_LABEL, replace(_EDGE_LABEL, edge_refinement="none")])
-    refined = postprocess(probabilities, ct, [LUNG_LABEL, _EDGE_LABEL])
-    before = plain.label_map.array_zyx == 2
-    after = refined.label_map.array_zyx == 2
+    plain, refined, before, after = _without_and_with_refinement(probabilities, ct)
     assert _dice(before, truth) < 0.5
     assert _dice(after, truth) > 0.9
     assert len(refined.findings) == 1  # the vessel ends inside the region are not reported as nodules
