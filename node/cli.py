@@ -189,8 +189,10 @@ def _cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
 
     from node.log import quiet_libraries
+    from node.scp import guard_dimse_responses
 
     quiet_libraries()
+    guard_dimse_responses()
     ae = AE(ae_title=args.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     ae.add_requested_context("1.2.840.10008.1.1")

@@ -249,6 +249,9 @@ def send_study(study: DemoStudy, port: int, called_ae: str) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+    from node.scp import guard_dimse_responses
+
+    guard_dimse_responses()
     ae = AE(ae_title=DEMO_AE)
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30

@@ -330,6 +330,46 @@ def tune_pynetdicom_polling() -> None:
         association_module.time = _ShortPollClock()  # type: ignore[assignment]
 
 
+_original_get_msg: Any = None
+
+
+def _get_msg_leaving_responses(self: Any, block: bool = False) -> tuple[Any, Any]:
+    """`DIMSEServiceProvider.get_msg` where a non-blocking call takes only a *request* off the queue.
+
+    The one non-blocking caller is the association's reactor, which serves requests; responses are
+    for the ``send_*`` call blocked in ``get_msg(block=True)``. pynetdicom pauses its reactor during
+    a ``send_*`` with a flag the reactor may already have passed (``_is_paused`` set, checkpoint
+    still open), so on a busy CPU the reactor can take the C-STORE-RSP ("Received unexpected C-STORE
+    service message") and the sender waits out the whole DIMSE timeout for an instance the peer stored.
+    """
+    if block:
+        return _original_get_msg(self, block=True)
+    q = self.msg_queue
+    with q.mutex:  # peek and take atomically: the blocked sender takes from the same deque
+        if not q.queue:
+            return None, None
+        _context_id, primitive = q.queue[0]
+        if primitive is not None and not primitive.is_valid_request:
+            return None, None
+        item = q.queue.popleft()
+        q.not_full.notify()
+        return item
+
+
+def guard_dimse_responses() -> None:
+    """Install `_get_msg_leaving_responses` for every association of this process (idempotent).
+
+    Called wherever this process sends as an SCU with pynetdicom (``edge-node echo``, the demo sender)
+    and by the receive engine that runs pynetdicom's reactor.
+    """
+    global _original_get_msg
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    if DIMSEServiceProvider.get_msg is not _get_msg_leaving_responses:
+        _original_get_msg = DIMSEServiceProvider.get_msg
+        DIMSEServiceProvider.get_msg = _get_msg_leaving_responses  # type: ignore[method-assign]
+
+
 def build_ae(settings: Settings) -> Any:
     """The AE with our timeouts and PDU size; contexts are given to the server, not the AE."""
     r = settings.receiver
@@ -422,6 +462,7 @@ def start_scp(settings: Settings, listen_socket: socket.socket, sink: ReceivedFi
 
         return start_fast_scp(settings, listen_socket, receiver, slots)
     tune_pynetdicom_polling()
+    guard_dimse_responses()
     ae = build_ae(settings)
     handlers = [
         (evt.EVT_REQUESTED, _handle_requested, [settings, slots]),

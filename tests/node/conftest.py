@@ -326,6 +326,14 @@ def start_in_process(settings: Settings, *, scheduler: bool = True) -> InProcess
     return InProcessNode(settings, running.port, spool, q, running, indexer, sched, sock)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _scu_guarded_like_the_product() -> None:
+    """The SCUs these tests run in-process get the reactor guard the product's own SCUs install."""
+    from node.scp import guard_dimse_responses
+
+    guard_dimse_responses()
+
+
 @pytest.fixture
 def node_factory(tmp_path: Path) -> Iterator[Callable[..., InProcessNode]]:
     """``node_factory(**sections)`` starts an in-process node on a config from `write_config`."""

@@ -334,3 +334,44 @@ def test_random_bytes_after_association_never_take_the_process_down(node):
         finally:
             sock.close()
     assert send(node.port, make_series(1)) == [0x0000]
+
+
+class _CheckpointTheReactorAlreadyPassed:
+    """pynetdicom's reactor pause as a sender sees it when the reactor had just passed it: the
+    reactor reads as paused, yet goes on polling its message queue."""
+
+    def __init__(self, assoc) -> None:
+        self.assoc = assoc
+
+    def clear(self) -> None:
+        self.assoc._is_paused = True
+
+    def set(self) -> None:
+        pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return True
+
+
+def test_scu_gets_every_response_even_when_its_reactor_missed_the_pause(node):
+    """The race behind a 10 s DIMSE timeout for an instance the peer stored: the SCU's reactor, not
+    the waiting ``send_c_store``, took the C-STORE-RSP. With `guard_dimse_responses` (installed for
+    every SCU of the product and of these tests) the response stays for the sender."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=SCU_AE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 3
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="EDGE_NODE")
+    assert assoc.is_established
+    assoc._reactor_checkpoint = _CheckpointTheReactorAlreadyPassed(assoc)  # the reactor polls throughout
+    statuses = []
+    try:
+        for ds in make_series(12):
+            if not assoc.is_established:  # pynetdicom aborts after a DIMSE timeout
+                break
+            statuses.append(int(assoc.send_c_store(ds).get("Status", -1)))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert statuses == [StoreStatus.SUCCESS] * 12
