@@ -335,8 +335,11 @@ def analyze_volume(volume: Volume, model: ModelSpec, handle: Any) -> VolumeAnaly
 
 def find_candidates(preprocessed: Volume, probabilities_czyx: np.ndarray, stage: CandidateStageSpec) -> list[Candidate]:
     """The candidate stage's blobs on the network's grid: in and next to the lungs the network drew
-    (every non-background channel), away from what it already calls ``stage.label``."""
-    lungs = probabilities_czyx[0] <= 0.5
+    (every non-background channel, holes filled), away from what it already calls ``stage.label``.
+
+    Filling matters because a solid nodule the network misses can come out as background inside the
+    lung (a hole), and ``fill_outside_lungs`` would then erase its centre before the dot filter looks."""
+    lungs = ndimage.binary_fill_holes(probabilities_czyx[0] <= 0.5)
     covered = ndimage.binary_dilation(probabilities_czyx[stage.label] >= stage.skip_probability, iterations=2)
     return detect_candidates(preprocessed, lungs, scales_mm=stage.scales_mm, min_level=stage.min_level,
                              min_response=stage.min_response, max_candidates=stage.max_candidates,

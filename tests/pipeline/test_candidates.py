@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +250,31 @@ def test_clipping_lets_ground_glass_compete_with_solid_blobs_on_shape() -> None:
     # ... while a faint blob under the clip level keeps its response
     assert max(c.response for c in _at(image, clipped, glass)) == pytest.approx(
         max(c.response for c in _at(image, plain, glass)), rel=1e-5)
+
+
+def test_a_solid_nodule_the_network_left_as_a_hole_in_the_lungs_is_a_candidate_at_its_centre() -> None:
+    """The network can call the core of a large solid nodule background: a hole in its lung mask.
+    The shipped stage fills everything outside that mask with the lungs' median, so without filling
+    the hole the nodule's centre would be erased and only its rim would answer the dot filter."""
+    from models.spec import load_spec
+    from pipeline.run import find_candidates
+
+    stage = load_spec(Path(__file__).resolve().parents[2] / "models" / "chest_ct_nodules").candidates
+    shape, spacing = (30, 44, 44), 2.0
+    kk, jj, ii = np.indices(shape).astype(np.float64) * spacing
+    hu = np.full(shape, 40.0)
+    lung = np.zeros(shape, dtype=bool)
+    lung[3:-3, 3:-3, 3:-3] = True
+    hu[lung] = -850.0
+    centre = np.array([15, 22, 22])
+    distance = np.sqrt((kk - centre[0] * spacing) ** 2 + (jj - centre[1] * spacing) ** 2 + (ii - centre[2] * spacing) ** 2)
+    hu[distance <= 8.0] = 40.0  # a 16 mm solid nodule
+    image = Volume(((hu + 1000.0) / 1400.0).astype(np.float32), _affine((spacing,) * 3))
+
+    def candidates(lung_drawn: np.ndarray) -> list[Candidate]:
+        background = np.where(lung_drawn, 0.01, 0.99).astype(np.float32)
+        return find_candidates(image, np.stack([background, 1.0 - background, np.zeros_like(background)]), stage)
+
+    intact = candidates(lung)
+    assert _at(image, intact[:1], centre, tolerance=0)
+    assert candidates(lung & (distance > 6.0)) == intact  # its core a hole: the same candidates
