@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,21 +33,37 @@ def _affine(spacing_zyx: tuple[float, float, float], origin: tuple[float, float,
     return affine
 
 
-def _lung_with(shape: tuple[int, int, int], spacing: float = 2.0) -> tuple[Volume, np.ndarray, np.ndarray]:
-    """A box of lung (-850 HU) in soft tissue, with a solid ball (r 4 mm) and a vessel (r 2 mm) in it;
-    returns the windowed image (0 = -1000 HU, 1 = 400 HU), the lung mask and the ball's centre (k, j, i)."""
+def _box_of_lung(shape: tuple[int, int, int], spacing: float) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Soft tissue (40 HU) around a box of lung (-850 HU) three voxels in from every face: the HU
+    array, the lung mask and ``distance_mm(centre)``, each voxel's distance from a voxel index in mm."""
     kk, jj, ii = np.indices(shape).astype(np.float64) * spacing
     hu = np.full(shape, 40.0)
     lung = np.zeros(shape, dtype=bool)
     lung[3:-3, 3:-3, 3:-3] = True
     hu[lung] = -850.0
+
+    def distance_mm(centre: np.ndarray) -> np.ndarray:
+        return np.sqrt((kk - centre[0] * spacing) ** 2 + (jj - centre[1] * spacing) ** 2
+                       + (ii - centre[2] * spacing) ** 2)
+
+    return hu, lung, distance_mm
+
+
+def _windowed(hu: np.ndarray, spacing: float) -> Volume:
+    """HU → the network's window (0 = -1000 HU, 1 = 400 HU) on an isotropic grid."""
+    return Volume(((hu + 1000.0) / 1400.0).astype(np.float32), _affine((spacing,) * 3))
+
+
+def _lung_with(shape: tuple[int, int, int], spacing: float = 2.0) -> tuple[Volume, np.ndarray, np.ndarray]:
+    """A box of lung (-850 HU) in soft tissue, with a solid ball (r 4 mm) and a vessel (r 2 mm) in it;
+    returns the windowed image (0 = -1000 HU, 1 = 400 HU), the lung mask and the ball's centre (k, j, i)."""
+    hu, lung, distance_mm = _box_of_lung(shape, spacing)
     centre = np.array([shape[0] // 2, shape[1] // 3, shape[2] // 3])
-    ball = ((kk - centre[0] * spacing) ** 2 + (jj - centre[1] * spacing) ** 2
-            + (ii - centre[2] * spacing) ** 2) <= 4.0 ** 2
+    ball = distance_mm(centre) <= 4.0
+    _, jj, ii = np.indices(shape).astype(np.float64) * spacing
     vessel = ((jj - 2 * shape[1] // 3 * spacing) ** 2 + (ii - 2 * shape[2] // 3 * spacing) ** 2 <= 2.0 ** 2) & lung
     hu[ball | vessel] = 40.0
-    image = Volume(((hu + 1000.0) / 1400.0).astype(np.float32), _affine((spacing,) * 3))
-    return image, lung, centre
+    return _windowed(hu, spacing), lung, centre
 
 
 def test_closed_form_eigenvalues_match_numpy_including_repeated_ones() -> None:
@@ -227,17 +244,12 @@ def test_filling_outside_the_lungs_makes_a_nodule_on_the_pleura_a_candidate() ->
 
 
 def test_clipping_lets_ground_glass_compete_with_solid_blobs_on_shape() -> None:
-    shape, spacing = (24, 40, 40), 2.0
-    kk, jj, ii = np.indices(shape).astype(np.float64) * spacing
-    hu = np.full(shape, 40.0)
-    lung = np.zeros(shape, dtype=bool)
-    lung[3:-3, 3:-3, 3:-3] = True
-    hu[lung] = -850.0
+    spacing = 2.0
+    hu, lung, distance_mm = _box_of_lung((24, 40, 40), spacing)
     solid, glass = np.array([12, 12, 12]), np.array([12, 27, 27])
     for centre, value in ((solid, 40.0), (glass, -550.0)):
-        hu[(kk - centre[0] * spacing) ** 2 + (jj - centre[1] * spacing) ** 2
-           + (ii - centre[2] * spacing) ** 2 <= 5.0 ** 2] = value
-    image = Volume(((hu + 1000.0) / 1400.0).astype(np.float32), _affine((spacing,) * 3))
+        hu[distance_mm(centre) <= 5.0] = value
+    image = _windowed(hu, spacing)
     kwargs = dict(scales_mm=(2.0, 3.0, 4.0), min_level=0.12, min_response=0.001, max_candidates=10)
 
     def ratio(found: list[Candidate]) -> float:
@@ -260,16 +272,12 @@ def test_a_solid_nodule_the_network_left_as_a_hole_in_the_lungs_is_a_candidate_a
     from pipeline.run import find_candidates
 
     stage = load_spec(Path(__file__).resolve().parents[2] / "models" / "chest_ct_nodules").candidates
-    shape, spacing = (30, 44, 44), 2.0
-    kk, jj, ii = np.indices(shape).astype(np.float64) * spacing
-    hu = np.full(shape, 40.0)
-    lung = np.zeros(shape, dtype=bool)
-    lung[3:-3, 3:-3, 3:-3] = True
-    hu[lung] = -850.0
+    spacing = 2.0
+    hu, lung, distance_mm = _box_of_lung((30, 44, 44), spacing)
     centre = np.array([15, 22, 22])
-    distance = np.sqrt((kk - centre[0] * spacing) ** 2 + (jj - centre[1] * spacing) ** 2 + (ii - centre[2] * spacing) ** 2)
+    distance = distance_mm(centre)
     hu[distance <= 8.0] = 40.0  # a 16 mm solid nodule
-    image = Volume(((hu + 1000.0) / 1400.0).astype(np.float32), _affine((spacing,) * 3))
+    image = _windowed(hu, spacing)
 
     def candidates(lung_drawn: np.ndarray) -> list[Candidate]:
         background = np.where(lung_drawn, 0.01, 0.99).astype(np.float32)
